@@ -1,0 +1,54 @@
+#pragma once
+/// \file
+/// Tensor-level collectives over a PartialState's process group. The public operations in
+/// operations.h are built on these; users normally call those instead.
+///
+/// Every function here:
+///  - is the identity (or the trivial answer) for a single process;
+///  - takes the name of the user-facing operation, so that errors name what the user called;
+///  - in debug mode (ACCELERATE_DEBUG_MODE=1) first compares shapes and dtypes across processes
+///    and throws on every rank, listing each rank's shape, when they differ (where it applies);
+///  - turns a stuck collective into an error after the state's timeout naming the operation.
+///
+/// Example:
+/// \code
+///   at::Tensor summed = accelerate::detail::all_reduce(state, "reduce", t, c10d::ReduceOp::SUM);
+/// \endcode
+
+#include <accelerate/state.h>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+
+#include <string>
+#include <vector>
+
+namespace accelerate::detail {
+
+/// Debug-mode check: throws on every rank when `t`'s shape or dtype differs between ranks.
+/// Does nothing (and costs nothing) outside debug mode or for a single process.
+void verify_same_shape(const PartialState& state, const char* op, const at::Tensor& t);
+
+/// Reduces `t` over all processes. Returns a new tensor on `t`'s device and dtype (dtypes Gloo
+/// lacks, such as bfloat16 and bool, are reduced in a wider type and converted back).
+at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tensor& t,
+                      c10d::ReduceOp reduce_op);
+
+/// Every process's `t`, indexed by process. All must have the same shape and dtype.
+std::vector<at::Tensor> all_gather(const PartialState& state, const char* op, const at::Tensor& t);
+
+/// Process `src`'s `t`, on every process. The others' `t` gives the expected shape and dtype.
+at::Tensor broadcast(const PartialState& state, const char* op, const at::Tensor& t, int src);
+
+/// Every process's byte string, indexed by process; lengths may differ.
+std::vector<std::string> all_gather_bytes(const PartialState& state, const char* op,
+                                          const std::string& bytes);
+
+/// Process `src`'s byte string, on every process.
+std::string broadcast_bytes(const PartialState& state, const char* op, const std::string& bytes,
+                            int src);
+
+/// Blocks until every process arrives.
+void barrier(const PartialState& state, const char* op);
+
+}  // namespace accelerate::detail

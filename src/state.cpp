@@ -1,0 +1,228 @@
+#include "accelerate/state.h"
+
+#include "accelerate/detail/collectives.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/cuda.h>
+
+#include <mutex>
+
+namespace accelerate {
+namespace {
+
+std::mutex g_shared_mutex;
+std::shared_ptr<PartialState> g_shared;
+
+bool same_options(const StateOptions& a, const StateOptions& b) {
+  return a.cpu == b.cpu && a.debug == b.debug && a.init_kwargs.backend == b.init_kwargs.backend &&
+         a.init_kwargs.timeout == b.init_kwargs.timeout;
+}
+
+bool is_loopback(const std::string& addr) {
+  return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
+}
+
+}  // namespace
+
+std::string to_string(DistributedType type) {
+  switch (type) {
+    case DistributedType::NO:
+      return "NO";
+    case DistributedType::MULTI_CPU:
+      return "MULTI_CPU";
+    case DistributedType::MULTI_GPU:
+      return "MULTI_GPU";
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown DistributedType");
+}
+
+PartialState& PartialState::shared(const StateOptions& options) {
+  std::lock_guard<std::mutex> lock(g_shared_mutex);
+  if (!g_shared) {
+    g_shared = from_environment(options);
+  } else {
+    // A default-constructed options object means "whatever was set up already".
+    TORCH_CHECK(same_options(options, StateOptions{}) || same_options(options, g_shared->options_),
+                "accelerate: the shared PartialState was already created with other options; "
+                "create it once (the first Accelerator or PartialState::shared call decides)");
+  }
+  return *g_shared;
+}
+
+std::shared_ptr<PartialState> PartialState::shared_if_created() {
+  std::lock_guard<std::mutex> lock(g_shared_mutex);
+  return g_shared;
+}
+
+std::shared_ptr<PartialState> PartialState::from_environment(const StateOptions& options,
+                                                             const EnvMap& env) {
+  std::shared_ptr<PartialState> state(new PartialState());
+  state->init(detect_topology(env), options, c10::intrusive_ptr<c10d::Store>(), env);
+  return state;
+}
+
+std::shared_ptr<PartialState> PartialState::from_store(c10::intrusive_ptr<c10d::Store> store,
+                                                       int rank, int world_size,
+                                                       const StateOptions& options,
+                                                       std::optional<int> local_rank,
+                                                       std::optional<int> local_world_size) {
+  TORCH_CHECK(store, "accelerate: PartialState::from_store needs a store");
+  ProcessTopology topology;
+  topology.source = "store";
+  topology.rank = rank;
+  topology.world_size = world_size;
+  topology.local_rank = local_rank.value_or(rank);
+  topology.local_world_size = local_world_size.value_or(world_size);
+  TORCH_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "accelerate: rank ", rank,
+              " is outside the world size ", world_size);
+  TORCH_CHECK(topology.local_world_size >= 1 && topology.local_rank >= 0 &&
+                  topology.local_rank < topology.local_world_size,
+              "accelerate: local rank ", topology.local_rank, " is outside the local world size ",
+              topology.local_world_size);
+  std::shared_ptr<PartialState> state(new PartialState());
+  state->init(topology, options, std::move(store), EnvMap{});
+  return state;
+}
+
+void PartialState::init(const ProcessTopology& topology, const StateOptions& options,
+                        c10::intrusive_ptr<c10d::Store> store, const EnvMap& env) {
+  topology_ = topology;
+  options_ = options;
+  const bool cpu = options.cpu.value_or(env_bool(env, "ACCELERATE_USE_CPU").value_or(false));
+  debug_ = options.debug.value_or(env_bool(env, "ACCELERATE_DEBUG_MODE").value_or(false));
+  timeout_ = options.init_kwargs.timeout;
+  TORCH_CHECK(timeout_.count() > 0, "accelerate: InitProcessGroupKwargs.timeout must be positive");
+
+  const bool cuda = !cpu && torch::cuda::is_available();
+  if (cuda) {
+    const auto count = static_cast<int>(torch::cuda::device_count());
+    device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(topology_.local_rank % count));
+  }
+  if (topology_.world_size == 1) {
+    distributed_type_ = DistributedType::NO;
+    return;
+  }
+  distributed_type_ = cuda ? DistributedType::MULTI_GPU : DistributedType::MULTI_CPU;
+  backend_ = options.init_kwargs.backend.value_or(cuda && compat::kHasNccl ? "nccl" : "gloo");
+  TORCH_CHECK(backend_ == "gloo" || backend_ == "nccl", "accelerate: unknown backend '", backend_,
+              "' (use \"gloo\" or \"nccl\")");
+  TORCH_CHECK(backend_ != "nccl" || cuda, "accelerate: the nccl backend needs a CUDA device, and ",
+              cpu ? "the CPU was requested" : "none is available");
+
+  if (!store) {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(topology_.master_port);
+    opts.isServer = topology_.rank == 0;
+    opts.numWorkers = topology_.world_size;
+    opts.waitWorkers = false;
+    opts.timeout = timeout_;
+    try {
+      store = c10::make_intrusive<c10d::TCPStore>(topology_.master_addr, opts);
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "accelerate: process ", topology_.rank, " could not ",
+                  opts.isServer ? "start" : "reach", " the rendezvous store at ",
+                  topology_.master_addr, ":", topology_.master_port,
+                  " (MASTER_ADDR/MASTER_PORT): ", e.what());
+    }
+  }
+  store_ = c10::make_intrusive<c10d::PrefixStore>("accelerate/", store);
+  try {
+    if (backend_ == "nccl") {
+      process_group_ = compat::make_nccl(store_, topology_.rank, topology_.world_size, timeout_);
+    } else {
+      compat::GlooAddress address;
+      address.interface = env_string(env, "GLOO_SOCKET_IFNAME").value_or("");
+      // Gloo binds to the address the machine's hostname resolves to, which in containers is
+      // often unreachable; a job whose rendezvous is on loopback is local, so loopback works.
+      if (address.interface.empty() && is_loopback(topology_.master_addr)) {
+        address.hostname = "127.0.0.1";
+      }
+      process_group_ =
+          compat::make_gloo(store_, topology_.rank, topology_.world_size, timeout_, address);
+    }
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: process ", topology_.rank, " of ", topology_.world_size,
+                " could not join the ", backend_, " process group: ", e.what());
+  }
+}
+
+PartialState::~PartialState() { destroy_process_group(); }
+
+void PartialState::destroy_process_group() {
+  process_group_.reset();
+  store_.reset();
+}
+
+std::string PartialState::describe() const {
+  std::ostringstream out;
+  out << "Distributed environment: " << to_string(distributed_type_);
+  if (!backend_.empty()) out << "  Backend: " << backend_;
+  out << "\nNum processes: " << num_processes() << "\nProcess index: " << process_index()
+      << "\nLocal process index: " << local_process_index() << "\nDevice: " << device_.str()
+      << "\n";
+  return out.str();
+}
+
+void PartialState::wait_for_everyone() const { detail::barrier(*this, "wait_for_everyone"); }
+
+void PartialState::check_process_index(int index, int count, const char* what) {
+  TORCH_CHECK(index >= 0 && index < count, "accelerate: ", what, "(", index,
+              "): the index must be in [0, ", count, ")");
+}
+
+std::pair<int64_t, int64_t> PartialState::split_range(int64_t length) const {
+  TORCH_CHECK(length >= 0, "split_between_processes: negative length ", length);
+  const int64_t n = num_processes();
+  const int64_t i = process_index();
+  const int64_t per = length / n;
+  const int64_t extras = length % n;
+  const int64_t start = i * per + std::min(i, extras);
+  return {start, start + per + (i < extras ? 1 : 0)};
+}
+
+bool PartialState::check_trigger() {
+  auto flag = at::full({1}, trigger_.load() ? 1 : 0, at::kLong);
+  auto total = detail::all_reduce(*this, "check_trigger", flag, c10d::ReduceOp::MAX);
+  if (total.item<int64_t>() > 0) {
+    trigger_.store(false);
+    return true;
+  }
+  return false;
+}
+
+// ------------------------------------------------------------------ ProcessesFirst
+//
+// Each process takes part in exactly one collective: those that wait, on entry; those that go
+// first, on exit. That collective is a MAX all-reduce of "did the block throw", so the waiting
+// processes learn about a failure instead of running on a half-made result.
+
+ProcessesFirst::ProcessesFirst(const PartialState* state, bool goes_first)
+    : state_(state), goes_first_(goes_first), uncaught_at_entry_(std::uncaught_exceptions()) {
+  if (goes_first_ || !state_->use_distributed()) return;
+  auto failed = detail::all_reduce(*state_, "main_process_first", at::zeros({1}, at::kLong),
+                                   c10d::ReduceOp::MAX);
+  TORCH_CHECK(failed.item<int64_t>() == 0, "accelerate: main_process_first: the process that went ",
+              "first left the block by an exception, so process ", state_->process_index(),
+              " does not run it");
+}
+
+ProcessesFirst::ProcessesFirst(ProcessesFirst&& other) noexcept
+    : state_(std::exchange(other.state_, nullptr)),
+      goes_first_(other.goes_first_),
+      uncaught_at_entry_(other.uncaught_at_entry_) {}
+
+ProcessesFirst::~ProcessesFirst() {
+  if (state_ == nullptr || !goes_first_ || !state_->use_distributed()) return;
+  const bool failed = std::uncaught_exceptions() > uncaught_at_entry_;
+  try {
+    detail::all_reduce(*state_, "main_process_first", at::full({1}, failed ? 1 : 0, at::kLong),
+                       c10d::ReduceOp::MAX);
+  } catch (const std::exception& e) {
+    // A destructor must not throw; the waiting processes time out with an error of their own.
+    std::cerr << "accelerate: main_process_first could not release the other processes: "
+              << e.what() << std::endl;
+  }
+}
+
+}  // namespace accelerate
