@@ -80,6 +80,20 @@ std::string describe(const at::Tensor& d) {
   return out.str();
 }
 
+// Gloo moves neither bfloat16, int16 nor bool: they travel as a type of the same width and are
+// viewed back, which is exact.
+at::Tensor to_wire(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16:
+    case at::kShort:
+      return t.contiguous().view(at::kHalf);
+    case at::kBool:
+      return t.contiguous().view(at::kByte);
+    default:
+      return t;
+  }
+}
+
 // Gloo reduces neither bfloat16 nor bool, and reducing float16 in float32 loses nothing.
 c10::ScalarType reduce_dtype(c10::ScalarType t) {
   switch (t) {
@@ -112,6 +126,26 @@ void verify_same_shape(const PartialState& state, const char* op, const at::Tens
   TORCH_CHECK(false, msg.str());
 }
 
+bool reducible_in_place(const PartialState& state, const at::Tensor& t) {
+  const c10::Device comm = state.backend() == "nccl" ? state.device() : c10::Device(c10::kCPU);
+  return t.device() == comm && t.is_contiguous() &&
+         reduce_dtype(t.scalar_type()) == t.scalar_type();
+}
+
+void all_reduce_(const PartialState& state, const char* op, at::Tensor& buf,
+                 c10d::ReduceOp reduce_op) {
+  if (!state.use_distributed()) return;
+  TORCH_CHECK(reducible_in_place(state, buf), "accelerate: '", op,
+              "': internal error: all_reduce_ needs a contiguous tensor of a reducible dtype on "
+              "the communication device, got ",
+              buf.scalar_type(), " on ", buf.device());
+  verify_same_shape(state, op, buf);
+  std::vector<at::Tensor> bufs{buf};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = reduce_op;
+  wait(state, op, group(state, op).allreduce(bufs, opts));
+}
+
 at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tensor& t,
                       c10d::ReduceOp reduce_op) {
   if (!state.use_distributed()) return t.clone();
@@ -126,31 +160,31 @@ at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tenso
   return out.to(t.device(), t.scalar_type());
 }
 
-std::vector<at::Tensor> all_gather(const PartialState& state, const char* op,
-                                   const at::Tensor& t) {
+std::vector<at::Tensor> all_gather(const PartialState& state, const char* op, const at::Tensor& t) {
   if (!state.use_distributed()) return {t.clone()};
   verify_same_shape(state, op, t);
-  auto out = raw_all_gather(state, op, t);
-  for (auto& x : out) x = x.to(t.device());
+  auto out = raw_all_gather(state, op, to_wire(t));
+  for (auto& x : out) x = x.view(t.scalar_type()).to(t.device());
   return out;
 }
 
 at::Tensor broadcast(const PartialState& state, const char* op, const at::Tensor& t, int src) {
-  TORCH_CHECK(src >= 0 && src < state.num_processes(), "accelerate: '", op, "': from_process ",
-              src, " is outside [0, ", state.num_processes(), ")");
+  TORCH_CHECK(src >= 0 && src < state.num_processes(), "accelerate: '", op, "': from_process ", src,
+              " is outside [0, ", state.num_processes(), ")");
   if (!state.use_distributed()) return t.clone();
   verify_same_shape(state, op, t);
-  std::vector<at::Tensor> buf{to_comm(state, t).clone()};
+  std::vector<at::Tensor> buf{to_comm(state, to_wire(t)).clone()};
   c10d::BroadcastOptions opts;
   opts.rootRank = src;
   wait(state, op, group(state, op).broadcast(buf, opts));
-  return buf[0].to(t.device());
+  return buf[0].view(t.scalar_type()).to(t.device());
 }
 
 std::vector<std::string> all_gather_bytes(const PartialState& state, const char* op,
                                           const std::string& bytes) {
   if (!state.use_distributed()) return {bytes};
-  auto lengths = raw_all_gather(state, op, at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong));
+  auto lengths =
+      raw_all_gather(state, op, at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong));
   int64_t longest = 0;
   for (const auto& l : lengths) longest = std::max(longest, l.item<int64_t>());
   auto buf = at::zeros({std::max<int64_t>(longest, 1)}, at::kByte);
@@ -168,8 +202,8 @@ std::vector<std::string> all_gather_bytes(const PartialState& state, const char*
 
 std::string broadcast_bytes(const PartialState& state, const char* op, const std::string& bytes,
                             int src) {
-  TORCH_CHECK(src >= 0 && src < state.num_processes(), "accelerate: '", op, "': from_process ",
-              src, " is outside [0, ", state.num_processes(), ")");
+  TORCH_CHECK(src >= 0 && src < state.num_processes(), "accelerate: '", op, "': from_process ", src,
+              " is outside [0, ", state.num_processes(), ")");
   if (!state.use_distributed()) return bytes;
   auto run = [&](at::Tensor t) {
     std::vector<at::Tensor> buf{to_comm(state, t)};
@@ -178,7 +212,8 @@ std::string broadcast_bytes(const PartialState& state, const char* op, const std
     wait(state, op, group(state, op).broadcast(buf, opts));
     return buf[0].cpu();
   };
-  const int64_t length = run(at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong)).item<int64_t>();
+  const int64_t length =
+      run(at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong)).item<int64_t>();
   auto buf = at::zeros({std::max<int64_t>(length, 1)}, at::kByte);
   if (state.process_index() == src) std::memcpy(buf.data_ptr(), bytes.data(), bytes.size());
   auto got = run(buf);

@@ -27,8 +27,8 @@ long long parse_int(const std::string& value, const std::string& name) {
   const char* first = value.data();
   const char* last = value.data() + value.size();
   auto [ptr, ec] = std::from_chars(first, last, out);
-  TORCH_CHECK(ec == std::errc() && ptr == last, "accelerate: environment variable ", name,
-              "='", value, "' is not an integer");
+  TORCH_CHECK(ec == std::errc() && ptr == last, "accelerate: environment variable ", name, "='",
+              value, "' is not an integer");
   return out;
 }
 
@@ -113,8 +113,8 @@ ProcessTopology detect_topology(const EnvMap& env) {
     TORCH_CHECK(t.world_size >= 1, "accelerate: world size must be at least 1, got ", found->size,
                 "=", t.world_size);
     t.rank = static_cast<int>(env_int(env, found->rank).value_or(0));
-    TORCH_CHECK(env_string(env, found->rank) || t.world_size == 1, "accelerate: ", found->size,
-                "=", t.world_size, " is set but ", found->rank, " is not");
+    TORCH_CHECK(env_string(env, found->rank) || t.world_size == 1, "accelerate: ", found->size, "=",
+                t.world_size, " is set but ", found->rank, " is not");
     t.local_rank = static_cast<int>(env_int(env, found->local_rank).value_or(t.rank));
     std::optional<int> local_size;
     if (found->local_size != nullptr) {
@@ -129,8 +129,8 @@ ProcessTopology detect_topology(const EnvMap& env) {
   TORCH_CHECK(t.rank >= 0 && t.rank < t.world_size, "accelerate: rank ", t.rank,
               " is outside the world size ", t.world_size, " (from ", t.source, " variables)");
   TORCH_CHECK(t.local_world_size >= 1 && t.local_world_size <= t.world_size,
-              "accelerate: local world size ", t.local_world_size, " must be in [1, ",
-              t.world_size, "]");
+              "accelerate: local world size ", t.local_world_size, " must be in [1, ", t.world_size,
+              "]");
   TORCH_CHECK(t.local_rank >= 0 && t.local_rank < t.local_world_size, "accelerate: local rank ",
               t.local_rank, " is outside the local world size ", t.local_world_size);
 
@@ -168,7 +168,9 @@ PatchEnvironment::~PatchEnvironment() {
   }
 }
 
-ClearEnvironment::ClearEnvironment() : saved_(current_environment()) { ::clearenv(); }
+ClearEnvironment::ClearEnvironment() : saved_(current_environment()) {
+  ::clearenv();
+}
 
 ClearEnvironment::~ClearEnvironment() {
   ::clearenv();

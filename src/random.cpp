@@ -58,9 +58,8 @@ void synchronize_rng_state(const PartialState& state, RNGType type,
     case RNGType::CUDA:
       TORCH_CHECK(!generator, "synchronize_rng_state: a generator is only taken with GENERATOR");
       if (!torch::cuda::is_available()) return;
-      gen = at::detail::getCUDAHooks().getDefaultCUDAGenerator(state.device().is_cuda()
-                                                                   ? state.device().index()
-                                                                   : 0);
+      gen = at::detail::getCUDAHooks().getDefaultCUDAGenerator(
+          state.device().is_cuda() ? state.device().index() : 0);
       break;
     case RNGType::GENERATOR:
       TORCH_CHECK(generator.has_value() && generator->defined(),

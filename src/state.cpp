@@ -2,9 +2,9 @@
 
 #include "accelerate/detail/collectives.h"
 
+#include <torch/cuda.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#include <torch/cuda.h>
 
 #include <mutex>
 
@@ -145,9 +145,21 @@ void PartialState::init(const ProcessTopology& topology, const StateOptions& opt
     TORCH_CHECK(false, "accelerate: process ", topology_.rank, " of ", topology_.world_size,
                 " could not join the ", backend_, " process group: ", e.what());
   }
+  // Gloo connects pair by pair: a process that has all its connections may return while a peer
+  // is still finishing its own, and if it then closes its sockets (exits, or destroys the
+  // group) the peer fails with "Connection closed by peer". Nobody leaves until all are joined.
+  try {
+    detail::barrier(*this, "init_process_group");
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: process ", topology_.rank, " of ", topology_.world_size,
+                " joined the ", backend_,
+                " process group, but the others did not all join: ", e.what());
+  }
 }
 
-PartialState::~PartialState() { destroy_process_group(); }
+PartialState::~PartialState() {
+  destroy_process_group();
+}
 
 void PartialState::destroy_process_group() {
   process_group_.reset();
@@ -164,7 +176,9 @@ std::string PartialState::describe() const {
   return out.str();
 }
 
-void PartialState::wait_for_everyone() const { detail::barrier(*this, "wait_for_everyone"); }
+void PartialState::wait_for_everyone() const {
+  detail::barrier(*this, "wait_for_everyone");
+}
 
 void PartialState::check_process_index(int index, int count, const char* what) {
   TORCH_CHECK(index >= 0 && index < count, "accelerate: ", what, "(", index,

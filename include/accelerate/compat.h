@@ -11,9 +11,9 @@
 ///       rank, world_size, std::chrono::seconds(30));
 /// \endcode
 
+#include <torch/version.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
-#include <torch/version.h>
 
 #include <chrono>
 #include <string>
@@ -61,8 +61,7 @@ inline c10::intrusive_ptr<Backend> make_gloo(const c10::intrusive_ptr<c10d::Stor
                                              const GlooAddress& address = {}) {
   auto options = c10d::ProcessGroupGloo::Options::create(timeout);
   if (!address.interface.empty()) {
-    options->devices.push_back(
-        c10d::ProcessGroupGloo::createDeviceForInterface(address.interface));
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(address.interface));
   } else if (!address.hostname.empty()) {
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(address.hostname));
   } else {

@@ -7,7 +7,8 @@
 /// Example:
 /// \code
 ///   auto topo = accelerate::detect_topology(accelerate::current_environment());
-///   std::cout << "rank " << topo.rank << " of " << topo.world_size << " (" << topo.source << ")\n";
+///   std::cout << "rank " << topo.rank << " of " << topo.world_size << " (" << topo.source <<
+///   ")\n";
 /// \endcode
 
 #include <map>
@@ -96,6 +97,8 @@ class [[nodiscard]] ClearEnvironment {
 };
 
 /// See ClearEnvironment.
-[[nodiscard]] inline ClearEnvironment clear_environment() { return ClearEnvironment(); }
+[[nodiscard]] inline ClearEnvironment clear_environment() {
+  return ClearEnvironment();
+}
 
 }  // namespace accelerate

@@ -98,10 +98,10 @@ class PartialState : public std::enable_shared_from_this<PartialState> {
   /// Creates a state that joins a process group through an existing store: used to run ranks as
   /// threads of one process over a HashStore or FileStore. `local_rank`/`local_world_size`
   /// default to `rank`/`world_size` (one machine).
-  static std::shared_ptr<PartialState> from_store(c10::intrusive_ptr<c10d::Store> store, int rank,
-                                                  int world_size, const StateOptions& options = {},
-                                                  std::optional<int> local_rank = std::nullopt,
-                                                  std::optional<int> local_world_size = std::nullopt);
+  static std::shared_ptr<PartialState> from_store(
+      c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
+      const StateOptions& options = {}, std::optional<int> local_rank = std::nullopt,
+      std::optional<int> local_world_size = std::nullopt);
 
   PartialState(const PartialState&) = delete;
   PartialState& operator=(const PartialState&) = delete;
@@ -186,8 +186,10 @@ class PartialState : public std::enable_shared_from_this<PartialState> {
   std::pair<int64_t, int64_t> split_range(int64_t length) const;
 
   /// This process's share of `inputs` (a vector, a tensor split along dim 0, or a map whose
-  /// values are all of one length). With `apply_padding`, every process gets the same count,
-  /// shorter shares being filled with the last element of `inputs`.
+  /// values are all of one length). A process whose share would be empty (fewer items than
+  /// processes) gets the last item, as in Accelerate. With `apply_padding`, every process gets
+  /// the same count: a shorter vector share repeats its own last element, a shorter tensor
+  /// share the last row of `inputs` (Accelerate's `pad_index=inputs[-1]`).
   template <class T>
   T split_between_processes(const T& inputs, bool apply_padding = false) const;
 
@@ -268,7 +270,9 @@ int64_t split_length(const T& inputs) {
 template <class T>
 T split_values(const T& inputs, int64_t start, int64_t end, int64_t padded_to) {
   if constexpr (std::is_same_v<T, at::Tensor>) {
-    at::Tensor out = inputs.slice(0, start, end);
+    // Like Accelerate, a process past the end of a short input gets its last element rather than
+    // nothing, so every process has something to run on.
+    at::Tensor out = start >= inputs.size(0) ? inputs.slice(0, -1) : inputs.slice(0, start, end);
     if (padded_to > out.size(0) && inputs.size(0) > 0) {
       auto last = inputs.slice(0, inputs.size(0) - 1, inputs.size(0));
       std::vector<int64_t> reps(static_cast<size_t>(inputs.dim()), 1);
@@ -277,14 +281,17 @@ T split_values(const T& inputs, int64_t start, int64_t end, int64_t padded_to) {
     }
     return out;
   } else if constexpr (is_std_vector<T>::value) {
-    T out(inputs.begin() + start, inputs.begin() + end);
-    while (static_cast<int64_t>(out.size()) < padded_to && !inputs.empty()) {
-      out.push_back(inputs.back());
-    }
+    if (inputs.empty()) return T{};
+    T out = start >= static_cast<int64_t>(inputs.size())
+                ? T{inputs.back()}
+                : T(inputs.begin() + start, inputs.begin() + end);
+    // Accelerate pads a list with its own last element (a tensor with the input's last row).
+    while (static_cast<int64_t>(out.size()) < padded_to) out.push_back(out.back());
     return out;
   } else {
     T out;
-    for (const auto& [key, value] : inputs) out.emplace(key, split_values(value, start, end, padded_to));
+    for (const auto& [key, value] : inputs)
+      out.emplace(key, split_values(value, start, end, padded_to));
     return out;
   }
 }

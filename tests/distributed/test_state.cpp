@@ -63,8 +63,9 @@ TEST(State, EnvironmentSettingsAreRead) {
   auto quiet = PartialState::from_environment({.debug = false},
                                               accelerate::EnvMap{{"ACCELERATE_DEBUG_MODE", "1"}});
   EXPECT_FALSE(quiet->debug());
-  auto msg = error_of(
-      [] { PartialState::from_environment({}, accelerate::EnvMap{{"ACCELERATE_USE_CPU", "cpu"}}); });
+  auto msg = error_of([] {
+    PartialState::from_environment({}, accelerate::EnvMap{{"ACCELERATE_USE_CPU", "cpu"}});
+  });
   EXPECT_NE(msg.find("ACCELERATE_USE_CPU='cpu' is not a boolean"), std::string::npos) << msg;
 }
 
@@ -92,22 +93,39 @@ TEST(State, SharedStateIsCreatedOnce) {
 TEST(State, RanksKnowWhoTheyAre) {
   std::mutex mu;
   std::vector<std::string> seen(4);
-  run_ranks(
-      4,
-      [&](PartialState& s) {
-        std::ostringstream out;
-        out << s.process_index() << "/" << s.num_processes() << " local " << s.local_process_index()
-            << "/" << s.num_processes_per_node() << " main " << s.is_main_process() << " local_main "
-            << s.is_local_main_process() << " last " << s.is_last_process() << " "
-            << accelerate::to_string(s.distributed_type()) << " " << s.backend();
-        std::lock_guard<std::mutex> lock(mu);
-        seen[static_cast<size_t>(s.process_index())] = out.str();
-      },
-      {.per_node = 2});
+  run_ranks(4,
+            [&](PartialState& s) {
+              std::ostringstream out;
+              out << s.process_index() << "/" << s.num_processes() << " local "
+                  << s.local_process_index() << "/" << s.num_processes_per_node() << " main "
+                  << s.is_main_process() << " local_main " << s.is_local_main_process() << " last "
+                  << s.is_last_process() << " " << accelerate::to_string(s.distributed_type())
+                  << " " << s.backend();
+              std::lock_guard<std::mutex> lock(mu);
+              seen[static_cast<size_t>(s.process_index())] = out.str();
+            },
+            {.per_node = 2});
   EXPECT_EQ(seen[0], "0/4 local 0/2 main 1 local_main 1 last 0 MULTI_CPU gloo");
   EXPECT_EQ(seen[1], "1/4 local 1/2 main 0 local_main 0 last 0 MULTI_CPU gloo");
   EXPECT_EQ(seen[2], "2/4 local 0/2 main 0 local_main 1 last 0 MULTI_CPU gloo");
   EXPECT_EQ(seen[3], "3/4 local 1/2 main 0 local_main 0 last 1 MULTI_CPU gloo");
+}
+
+// Ranks that return from joining and drop their state at once must not break a peer that is
+// still connecting: before init ended with a barrier, about 1 in 150 of these joins failed with
+// Gloo's "Connection closed by peer" (measured: 10 of 1500; 0 of 2000 after).
+TEST(State, JoiningSurvivesPeersThatLeaveAtOnce) {
+  int failures = 0;
+  std::string first;
+  for (int i = 0; i < 200; ++i) {
+    auto errors = run_ranks_collect(4, [](PartialState&) {});
+    for (const auto& e : errors) {
+      if (!e) continue;
+      ++failures;
+      if (first.empty()) first = message(e);
+    }
+  }
+  EXPECT_EQ(failures, 0) << first;
 }
 
 TEST(State, WaitForEveryoneWaitsForTheSlowest) {
@@ -129,23 +147,22 @@ TEST(State, OnProcessRunsWhereAsked) {
     std::lock_guard<std::mutex> lock(mu);
     calls.push_back(what);
   };
-  run_ranks(
-      4,
-      [&](PartialState& s) {
-        const auto r = std::to_string(s.process_index());
-        s.on_main_process([&] { record("main:" + r); });
-        s.on_local_main_process([&] { record("local_main:" + r); });
-        s.on_last_process([&] { record("last:" + r); });
-        s.on_process(2, [&] { record("process2:" + r); });
-        s.on_local_process(1, [&] { record("local1:" + r); });
-        auto got = s.on_main_process([&] { return s.process_index() + 100; });
-        if (s.is_main_process()) {
-          EXPECT_EQ(got, std::optional<int>(100));
-        } else {
-          EXPECT_FALSE(got.has_value());
-        }
-      },
-      {.per_node = 2});
+  run_ranks(4,
+            [&](PartialState& s) {
+              const auto r = std::to_string(s.process_index());
+              s.on_main_process([&] { record("main:" + r); });
+              s.on_local_main_process([&] { record("local_main:" + r); });
+              s.on_last_process([&] { record("last:" + r); });
+              s.on_process(2, [&] { record("process2:" + r); });
+              s.on_local_process(1, [&] { record("local1:" + r); });
+              auto got = s.on_main_process([&] { return s.process_index() + 100; });
+              if (s.is_main_process()) {
+                EXPECT_EQ(got, std::optional<int>(100));
+              } else {
+                EXPECT_FALSE(got.has_value());
+              }
+            },
+            {.per_node = 2});
   std::sort(calls.begin(), calls.end());
   EXPECT_EQ(calls, (std::vector<std::string>{"last:3", "local1:1", "local1:3", "local_main:0",
                                              "local_main:2", "main:0", "process2:2"}));
@@ -171,15 +188,15 @@ TEST(State, MainProcessFirstOrdersTheBlock) {
 TEST(State, LocalMainProcessFirstOrdersEachMachine) {
   std::mutex mu;
   std::vector<int> order;
-  run_ranks(
-      4,
-      [&](PartialState& s) {
-        auto first = s.local_main_process_first();
-        if (s.is_local_main_process()) std::this_thread::sleep_for(std::chrono::milliseconds(200));
-        std::lock_guard<std::mutex> lock(mu);
-        order.push_back(s.process_index());
-      },
-      {.per_node = 2});
+  run_ranks(4,
+            [&](PartialState& s) {
+              auto first = s.local_main_process_first();
+              if (s.is_local_main_process())
+                std::this_thread::sleep_for(std::chrono::milliseconds(200));
+              std::lock_guard<std::mutex> lock(mu);
+              order.push_back(s.process_index());
+            },
+            {.per_node = 2});
   ASSERT_EQ(order.size(), 4u);
   std::vector<int> firsts(order.begin(), order.begin() + 2);
   std::sort(firsts.begin(), firsts.end());
@@ -223,11 +240,11 @@ TEST(State, SplitBetweenProcessesFollowsAccelerate) {
     plain[s.process_index()] = p;
     padded[s.process_index()] = q;
     auto flat = t.flatten();
-    tensor_rows[s.process_index()] = std::vector<int64_t>(flat.data_ptr<int64_t>(),
-                                                          flat.data_ptr<int64_t>() + flat.numel());
+    tensor_rows[s.process_index()] =
+        std::vector<int64_t>(flat.data_ptr<int64_t>(), flat.data_ptr<int64_t>() + flat.numel());
     auto flatp = tp.flatten();
-    tensor_padded[s.process_index()] = std::vector<int64_t>(
-        flatp.data_ptr<int64_t>(), flatp.data_ptr<int64_t>() + flatp.numel());
+    tensor_padded[s.process_index()] =
+        std::vector<int64_t>(flatp.data_ptr<int64_t>(), flatp.data_ptr<int64_t>() + flatp.numel());
     maps[s.process_index()] = m;
   });
   EXPECT_EQ(plain[0], (std::vector<std::string>{"A", "B"}));
@@ -248,8 +265,9 @@ TEST(State, SplitRangeGivesExtrasToTheFirstProcesses) {
   std::map<int, std::vector<int>> tiny;
   run_ranks(4, [&](PartialState& s) {
     auto r = s.split_range(10);
-    // Fewer items than processes: the last process gets nothing, or the last item when padded.
-    auto t = s.split_between_processes(std::vector<int>{7, 8, 9}, s.process_index() == 3);
+    // Fewer items than processes: the process past the end gets the last item (Accelerate's
+    // `inputs[-1:]`), padded or not.
+    auto t = s.split_between_processes(std::vector<int>{7, 8, 9}, s.process_index() == 2);
     std::lock_guard<std::mutex> lock(mu);
     ranges[s.process_index()] = r;
     tiny[s.process_index()] = t;
@@ -258,8 +276,27 @@ TEST(State, SplitRangeGivesExtrasToTheFirstProcesses) {
   EXPECT_EQ(ranges[1], (std::pair<int64_t, int64_t>{3, 6}));
   EXPECT_EQ(ranges[2], (std::pair<int64_t, int64_t>{6, 8}));
   EXPECT_EQ(ranges[3], (std::pair<int64_t, int64_t>{8, 10}));
+  EXPECT_EQ(tiny[0], (std::vector<int>{7}));
   EXPECT_EQ(tiny[2], (std::vector<int>{9}));
   EXPECT_EQ(tiny[3], (std::vector<int>{9}));
+
+  // 4 items on 3 processes: shares [0 1] [2] [3]. Padded, a vector share repeats its own last
+  // element (rank 1: [2 2]) while a tensor share takes the input's last row (rank 1: [2 3]).
+  std::map<int, std::vector<int>> vec3;
+  std::map<int, std::vector<int64_t>> ten3;
+  run_ranks(3, [&](PartialState& s) {
+    auto v = s.split_between_processes(std::vector<int>{0, 1, 2, 3}, true);
+    auto t = s.split_between_processes(at::arange(4), true).contiguous();
+    std::lock_guard<std::mutex> lock(mu);
+    vec3[s.process_index()] = v;
+    ten3[s.process_index()] =
+        std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
+  });
+  EXPECT_EQ(vec3[0], (std::vector<int>{0, 1}));
+  EXPECT_EQ(vec3[1], (std::vector<int>{2, 2}));
+  EXPECT_EQ(vec3[2], (std::vector<int>{3, 3}));
+  EXPECT_EQ(ten3[1], (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(ten3[2], (std::vector<int64_t>{3, 3}));
   auto errors = run_ranks_collect(2, [](PartialState& s) {
     s.split_between_processes(
         std::map<std::string, std::vector<int>>{{"a", {1, 2}}, {"b", {1, 2, 3}}});
@@ -311,8 +348,9 @@ TEST(State, SetSeedIsReproducibleAndDeviceSpecificWhenAsked) {
   accelerate::set_seed(42, {.device_specific = true}, *single);  // process 0: seed stays 42
   EXPECT_TRUE(at::equal(a, at::rand({3})));
   EXPECT_EQ(accelerate::rng_type_from_string("cuda"), accelerate::RNGType::CUDA);
-  EXPECT_NE(error_of([] { accelerate::rng_type_from_string("xla"); }).find("unknown rng type 'xla'"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([] { accelerate::rng_type_from_string("xla"); }).find("unknown rng type 'xla'"),
+      std::string::npos);
 }
 
 TEST(State, StuckCollectiveTimesOutNamingTheOperation) {
@@ -327,7 +365,8 @@ TEST(State, StuckCollectiveTimesOutNamingTheOperation) {
           try {
             s.wait_for_everyone();
           } catch (...) {
-            waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            waited =
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
             throw;
           }
         } else {
@@ -346,13 +385,13 @@ TEST(State, StuckCollectiveTimesOutNamingTheOperation) {
 }
 
 TEST(State, DebugModeNamesEveryShape) {
-  auto errors = run_ranks_collect(
-      3,
-      [](PartialState& s) {
-        accelerate::detail::all_reduce(s, "reduce", at::zeros({2, s.process_index() + 1}),
-                                       c10d::ReduceOp::SUM);
-      },
-      {.state = {.debug = true}});
+  auto errors = run_ranks_collect(3,
+                                  [](PartialState& s) {
+                                    accelerate::detail::all_reduce(
+                                        s, "reduce", at::zeros({2, s.process_index() + 1}),
+                                        c10d::ReduceOp::SUM);
+                                  },
+                                  {.state = {.debug = true}});
   for (size_t r = 0; r < 3; ++r) {
     const auto msg = message(errors[r]);
     EXPECT_NE(msg.find("'reduce' was called with tensors of different shapes"), std::string::npos)

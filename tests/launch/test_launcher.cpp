@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <ostream>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -50,7 +51,10 @@ const std::vector<std::string> kInheritedVariables = {"RANK",
                                                       "ACCELERATE_DEBUG_MODE",
                                                       "OMP_NUM_THREADS",
                                                       "OPENBLAS_NUM_THREADS",
-                                                      "MKL_NUM_THREADS"};
+                                                      "MKL_NUM_THREADS",
+                                                      "GLIBC_TUNABLES",
+                                                      "MALLOC_MMAP_THRESHOLD_",
+                                                      "MALLOC_TRIM_THRESHOLD_"};
 
 std::string probe() {
   return worker_path("launch_probe");
@@ -206,6 +210,31 @@ TEST(LaunchEnvironment, SingleProcessGetsNoThreadDefaults) {
   EXPECT_EQ(ranks.at(0).at("WORLD_SIZE"), "1");
   EXPECT_EQ(ranks.at(0).at("OMP_NUM_THREADS"), "<unset>");
   EXPECT_FALSE(contains(r.output, "accelerate launch:")) << r.output;
+}
+
+TEST(LaunchEnvironment, WorkersReuseFreedMemoryUnlessTheUserChose) {
+  const std::string tunables =
+      "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824";
+  auto defaults = run_launch({"-n", "2", probe(), "--print-env"});
+  ASSERT_EQ(defaults.exit_code, 0) << defaults.output;
+  for (const auto& [rank, env] : reports_by_rank(defaults.output)) {
+    EXPECT_EQ(env.at("GLIBC_TUNABLES"), tunables) << "rank " << rank;
+  }
+  auto single = run_launch({probe(), "--print-env"});
+  EXPECT_EQ(reports_by_rank(single.output).at(0).at("GLIBC_TUNABLES"), tunables) << single.output;
+  // Any allocator variable of the user's wins, even an empty one or the older MALLOC_* form.
+  for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
+           {"GLIBC_TUNABLES", "glibc.malloc.arena_max=2"},
+           {"GLIBC_TUNABLES", ""},
+           {"MALLOC_TRIM_THRESHOLD_", "0"}}) {
+    auto r = run_launch({"-n", "2", probe(), "--print-env"}, {{name, value}});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const std::string expected =
+        name == "GLIBC_TUNABLES" ? (value.empty() ? std::string("") : value) : "<unset>";
+    for (const auto& [rank, env] : reports_by_rank(r.output)) {
+      EXPECT_EQ(env.at("GLIBC_TUNABLES"), expected) << name << "=" << value << " rank " << rank;
+    }
+  }
 }
 
 TEST(LaunchEnvironment, TwoMachinesOnOneHostNumberRanksAcrossMachines) {
@@ -391,6 +420,11 @@ struct BadCommandLine {
   std::vector<std::string> args;  // after `accelerate`
   std::string reason;             // part of the one-line message
 };
+
+// Keeps test listings readable: gtest would otherwise print the struct's bytes.
+void PrintTo(const BadCommandLine& c, std::ostream* os) {
+  *os << c.name;
+}
 
 class LaunchCommandLine : public ::testing::TestWithParam<BadCommandLine> {};
 

@@ -29,16 +29,16 @@ inline std::vector<std::exception_ptr> run_ranks_collect(
     int world, const std::function<void(PartialState&)>& fn, const RankOptions& options = {}) {
   static std::atomic<int> next_job{0};
   auto base = c10::make_intrusive<c10d::HashStore>();
-  auto store = c10::make_intrusive<c10d::PrefixStore>(
-      "job" + std::to_string(next_job.fetch_add(1)), base);
+  auto store =
+      c10::make_intrusive<c10d::PrefixStore>("job" + std::to_string(next_job.fetch_add(1)), base);
   std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
   std::vector<std::thread> threads;
   for (int rank = 0; rank < world; ++rank) {
     threads.emplace_back([&, rank] {
       try {
         const int per_node = options.per_node > 0 ? options.per_node : world;
-        auto state = PartialState::from_store(store, rank, world, options.state, rank % per_node,
-                                              per_node);
+        auto state =
+            PartialState::from_store(store, rank, world, options.state, rank % per_node, per_node);
         fn(*state);
       } catch (...) {
         errors[static_cast<size_t>(rank)] = std::current_exception();

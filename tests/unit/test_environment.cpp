@@ -119,30 +119,36 @@ TEST(Environment, TorchrunVariablesWinOverMpiAndSlurm) {
 }
 
 TEST(Environment, InconsistentTopologyIsAnError) {
-  EXPECT_NE(error_of([] { detect_topology({{"RANK", "4"}, {"WORLD_SIZE", "4"}}); })
-                .find("rank 4 is outside the world size 4"),
+  EXPECT_NE(error_of([] {
+              detect_topology({{"RANK", "4"}, {"WORLD_SIZE", "4"}});
+            }).find("rank 4 is outside the world size 4"),
             std::string::npos);
-  EXPECT_NE(error_of([] { detect_topology({{"WORLD_SIZE", "0"}}); })
-                .find("world size must be at least 1"),
+  EXPECT_NE(error_of([] {
+              detect_topology({{"WORLD_SIZE", "0"}});
+            }).find("world size must be at least 1"),
             std::string::npos);
-  EXPECT_NE(error_of([] { detect_topology({{"WORLD_SIZE", "2"}}); }).find("RANK is not"),
+  EXPECT_NE(error_of([] {
+              detect_topology({{"WORLD_SIZE", "2"}});
+            }).find("RANK is not"),
             std::string::npos);
   EXPECT_NE(error_of([] {
               detect_topology({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "70000"}});
             }).find("MASTER_PORT=70000 is not a TCP port"),
             std::string::npos);
-  EXPECT_NE(error_of([] {
-              detect_topology(
-                  {{"RANK", "0"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}});
-            }).find("local rank 2 is outside the local world size 2"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([] {
+        detect_topology(
+            {{"RANK", "0"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}});
+      }).find("local rank 2 is outside the local world size 2"),
+      std::string::npos);
 }
 
 TEST(Environment, PatchEnvironmentRestores) {
   ::setenv("ACC_TEST_KEEP", "old", 1);
   ::unsetenv("ACC_TEST_NEW");
   {
-    auto guard = accelerate::patch_environment({{"acc_test_keep", "patched"}, {"ACC_TEST_NEW", "x"}});
+    auto guard =
+        accelerate::patch_environment({{"acc_test_keep", "patched"}, {"ACC_TEST_NEW", "x"}});
     EXPECT_STREQ(std::getenv("ACC_TEST_KEEP"), "patched");
     EXPECT_STREQ(std::getenv("ACC_TEST_NEW"), "x");
   }

@@ -53,6 +53,8 @@ struct LaunchConfig {
   std::vector<std::string> program_argv;
   /// Thread-count variables the launcher sets because the user did not (NAME, VALUE).
   std::vector<std::pair<std::string, std::string>> thread_defaults;
+  /// Allocator settings the launcher sets because the user set none (NAME, VALUE).
+  std::vector<std::pair<std::string, std::string>> memory_defaults;
 };
 
 /// Applies defaults and validates; throws UsageError with a one-line reason.

@@ -34,6 +34,16 @@ void verify_same_shape(const PartialState& state, const char* op, const at::Tens
 at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tensor& t,
                       c10d::ReduceOp reduce_op);
 
+/// Reduces `buf` in place over all processes. `buf` must be contiguous, on the communication
+/// device (the CPU for Gloo) and of a dtype the backend reduces (not bfloat16 or bool): the
+/// caller owns it, so no copy is made. Large tensors are dominated by copies and page faults of
+/// fresh buffers, which is why reduce() goes through here with the one copy it needs anyway.
+void all_reduce_(const PartialState& state, const char* op, at::Tensor& buf,
+                 c10d::ReduceOp reduce_op);
+
+/// True when all_reduce_ can work on `t` directly (see there).
+bool reducible_in_place(const PartialState& state, const at::Tensor& t);
+
 /// Every process's `t`, indexed by process. All must have the same shape and dtype.
 std::vector<at::Tensor> all_gather(const PartialState& state, const char* op, const at::Tensor& t);
 

@@ -154,7 +154,8 @@ int main(int argc, char** argv) {
                                          "ACCELERATE_DEBUG_MODE",
                                          "OMP_NUM_THREADS",
                                          "OPENBLAS_NUM_THREADS",
-                                         "MKL_NUM_THREADS"};
+                                         "MKL_NUM_THREADS",
+                                         "GLIBC_TUNABLES"};
     std::string line = "probe";
     for (const char* name : kNames) line += std::string(" ") + name + "=" + env_or(name, "<unset>");
     write_all(STDOUT_FILENO, line + "\n");

@@ -1,0 +1,20 @@
+#pragma once
+/// \file
+/// Umbrella header: everything a training program uses.
+///
+/// Example:
+/// \code
+///   #include <accelerate/accelerate.h>
+///   int main() {
+///     auto& state = accelerate::PartialState::shared();
+///     state.print("hello from ", state.num_processes(), " processes");
+///   }
+/// \endcode
+
+#include <accelerate/compat.h>
+#include <accelerate/data.h>
+#include <accelerate/environment.h>
+#include <accelerate/operations.h>
+#include <accelerate/random.h>
+#include <accelerate/state.h>
+#include <accelerate/tree.h>
