@@ -11,6 +11,7 @@
 ///   }
 /// \endcode
 
+#include <accelerate/accelerator.h>
 #include <accelerate/compat.h>
 #include <accelerate/data.h>
 #include <accelerate/environment.h>

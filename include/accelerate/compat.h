@@ -11,6 +11,7 @@
 ///       rank, world_size, std::chrono::seconds(30));
 /// \endcode
 
+#include <ATen/autocast_mode.h>
 #include <torch/version.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
@@ -82,5 +83,72 @@ inline c10::intrusive_ptr<Backend> make_nccl(const c10::intrusive_ptr<c10d::Stor
   TORCH_CHECK(false, "accelerate-cpp: this LibTorch was built without NCCL; use the gloo backend");
 #endif
 }
+
+// ======================================================================= autocast (amp.h)
+// LibTorch 2.4 replaced the per-device autocast state functions (is_cpu_enabled, set_enabled for
+// CUDA, get_autocast_gpu_dtype, ...) by ones taking a device type, and deprecated the old
+// spellings for removal: under -Werror they no longer compile, so each version gets its own.
+
+/// True when LibTorch's CPU autocast accepts float16 besides bfloat16 (added in LibTorch 2.2).
+inline constexpr bool kAutocastCpuSupportsHalf = TORCH_VERSION_MAJOR > 2 ||
+                                                 (TORCH_VERSION_MAJOR == 2 &&
+                                                  TORCH_VERSION_MINOR >= 2);
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+
+/// Whether autocast is on for `device` (kCPU or kCUDA) on this thread.
+inline bool is_autocast_enabled(c10::DeviceType device) {
+  return at::autocast::is_autocast_enabled(device);
+}
+inline void set_autocast_enabled(c10::DeviceType device, bool enabled) {
+  at::autocast::set_autocast_enabled(device, enabled);
+}
+/// The lower-precision type autocast casts to on `device` (kCPU or kCUDA), on this thread.
+inline at::ScalarType get_autocast_dtype(c10::DeviceType device) {
+  return at::autocast::get_autocast_dtype(device);
+}
+inline void set_autocast_dtype(c10::DeviceType device, at::ScalarType dtype) {
+  at::autocast::set_autocast_dtype(device, dtype);
+}
+
+#else
+
+namespace detail {
+inline void check_autocast_device(c10::DeviceType device) {
+  TORCH_CHECK(device == c10::kCPU || device == c10::kCUDA,
+              "accelerate: autocast supports CPU and CUDA devices, not ", device);
+}
+}  // namespace detail
+
+/// Whether autocast is on for `device` (kCPU or kCUDA) on this thread.
+inline bool is_autocast_enabled(c10::DeviceType device) {
+  detail::check_autocast_device(device);
+  return device == c10::kCPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+}
+inline void set_autocast_enabled(c10::DeviceType device, bool enabled) {
+  detail::check_autocast_device(device);
+  if (device == c10::kCPU) {
+    at::autocast::set_cpu_enabled(enabled);
+  } else {
+    at::autocast::set_enabled(enabled);
+  }
+}
+/// The lower-precision type autocast casts to on `device` (kCPU or kCUDA), on this thread.
+inline at::ScalarType get_autocast_dtype(c10::DeviceType device) {
+  detail::check_autocast_device(device);
+  return device == c10::kCPU ? at::autocast::get_autocast_cpu_dtype()
+                             : at::autocast::get_autocast_gpu_dtype();
+}
+inline void set_autocast_dtype(c10::DeviceType device, at::ScalarType dtype) {
+  detail::check_autocast_device(device);
+  if (device == c10::kCPU) {
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  } else {
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  }
+}
+
+#endif
+// ================================================================ end of autocast (amp.h)
 
 }  // namespace accelerate::compat

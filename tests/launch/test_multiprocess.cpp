@@ -194,4 +194,24 @@ TEST(MultiProcess, HelloExampleAddsUpEveryProcess) {
     EXPECT_TRUE(contains(r.output, "process " + std::to_string(rank) + " of 3")) << r.output;
   }
 }
+
+// The README's main job: two processes, bf16 and accumulation from the launcher, and the
+// held-out set counted once (600 samples) with the accuracy the example promises.
+TEST(MultiProcess, TrainingExampleLearnsTheSpirals) {
+  auto r = run_command({cli_path(), "launch", "-n", "2", "--mixed_precision", "bf16",
+                        "--gradient_accumulation_steps", "2",
+                        std::string(ACCELERATE_EXAMPLE_DIR) + "/train_spirals", "--epochs", "10"},
+                       kTimeout, {}, kLaunchVariables);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "mixed_precision = bf16 (environment)")) << r.output;
+  EXPECT_TRUE(contains(r.output, "gradient_accumulation_steps = 2 (environment)")) << r.output;
+  const auto at = r.output.find("evaluated 600 samples: loss ");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const double loss = std::stod(r.output.substr(at + 28));
+  const auto acc_at = r.output.find("accuracy ", at);
+  ASSERT_NE(acc_at, std::string::npos) << r.output;
+  const double accuracy = std::stod(r.output.substr(acc_at + 9));
+  EXPECT_LT(loss, 0.1) << r.output;
+  EXPECT_GE(accuracy, 0.98) << r.output;
+}
 #endif

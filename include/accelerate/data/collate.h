@@ -114,13 +114,20 @@ template <class T>
 typename CollatedType<T>::type collate(std::vector<T>& items) {
   TORCH_CHECK(!items.empty(), "accelerate: cannot collate an empty batch");
   if constexpr (std::is_same_v<T, at::Tensor>) {
-    for (size_t i = 1; i < items.size(); ++i) {
-      TORCH_CHECK(items[i].sizes() == items[0].sizes(),
-                  "accelerate: default collate stacks tensors of one shape, but item 0 has shape ",
-                  items[0].sizes(), " and item ", i, " has shape ", items[i].sizes(),
-                  "; pad them or pass a collate function");
+    // at::stack checks the shapes itself; finding the culprit only on failure keeps the
+    // common path as cheap as a bare at::stack.
+    try {
+      return at::stack(items);
+    } catch (const c10::Error&) {
+      for (size_t i = 1; i < items.size(); ++i) {
+        TORCH_CHECK(items[i].sizes() == items[0].sizes(),
+                    "accelerate: default collate stacks tensors of one shape, but item 0 has "
+                    "shape ",
+                    items[0].sizes(), " and item ", i, " has shape ", items[i].sizes(),
+                    "; pad them or pass a collate function");
+      }
+      throw;
     }
-    return at::stack(items);
   } else if constexpr (std::is_same_v<T, bool>) {
     std::vector<uint8_t> bytes(items.begin(), items.end());
     return at::tensor(bytes, at::kByte).to(at::kBool);

@@ -1,0 +1,558 @@
+#pragma once
+/// \file
+/// The `Accelerator`: the four-line change that makes a LibTorch training loop distributed,
+/// mixed-precision and gradient-accumulating (Accelerate's `Accelerator`).
+///
+/// Example:
+/// \code
+///   accelerate::Accelerator accelerator({.gradient_accumulation_steps = 2});
+///   auto [net, optimizer, loader] = accelerator.prepare(model, sgd, train_loader);
+///   for (auto& batch : loader) {
+///     auto sync = accelerator.accumulate(net);
+///     auto loss = torch::mse_loss(net->forward(batch.data), batch.target);
+///     accelerator.backward(loss);
+///     optimizer.step();
+///     optimizer.zero_grad();
+///   }
+/// \endcode
+///
+/// The Accelerator is a thin front: process state (state.h), data (data.h), gradient
+/// synchronisation (ddp.h), mixed precision (amp.h) and schedulers (scheduler.h) do the work.
+
+#include <accelerate/amp.h>
+#include <accelerate/data.h>
+#include <accelerate/ddp.h>
+#include <accelerate/environment.h>
+#include <accelerate/operations.h>
+#include <accelerate/random.h>
+#include <accelerate/scheduler.h>
+#include <accelerate/state.h>
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/optim/optimizer.h>
+#include <torch/ordered_dict.h>
+
+#include <concepts>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace accelerate {
+
+/// The precision the forward pass runs in.
+enum class MixedPrecision { NO, BF16, FP16 };
+/// "no", "bf16", "fp16".
+std::string to_string(MixedPrecision precision);
+/// Parses "no", "bf16" or "fp16" (case-sensitive, as Accelerate); anything else is an error.
+MixedPrecision mixed_precision_from_string(const std::string& name);
+
+/// Accelerate's `GradientAccumulationPlugin`.
+struct GradientAccumulationPlugin {
+  /// Batches per optimizer step.
+  int64_t num_steps = 1;
+  /// Kept for parity with Accelerate, where it only silences PyTorch's scheduler-order
+  /// warning; the learning rates do not depend on it.
+  bool adjust_scheduler = true;
+  /// The last batch of a data loader always synchronises and steps, even mid-cycle.
+  bool sync_with_dataloader = true;
+
+  bool operator==(const GradientAccumulationPlugin&) const = default;
+};
+
+/// Accelerate's `ProjectConfiguration`: where checkpoints and logs go.
+struct ProjectConfiguration {
+  std::string project_dir;
+  std::string logging_dir;
+  bool automatic_checkpoint_naming = false;
+  std::optional<int64_t> total_limit;
+  int64_t iteration = 0;
+  bool save_on_each_node = false;
+};
+
+/// What the user sets. Unset fields come from the `ACCELERATE_*` environment that
+/// `accelerate launch` writes, else from Accelerate's defaults: explicit > environment >
+/// default, for every field.
+///
+/// Example:
+/// \code
+///   accelerate::Accelerator acc({.mixed_precision = "bf16", .gradient_accumulation_steps = 4});
+/// \endcode
+struct AcceleratorOptions {
+  /// Move prepared models and batches to the device (default true).
+  std::optional<bool> device_placement;
+  /// Split every batch between the processes instead of giving each its own (default false).
+  std::optional<bool> split_batches;
+  /// "no", "bf16" or "fp16" (`ACCELERATE_MIXED_PRECISION`, default "no").
+  std::optional<std::string> mixed_precision;
+  /// Batches per optimizer step (`ACCELERATE_GRADIENT_ACCUMULATION_STEPS`, default 1).
+  /// Excludes gradient_accumulation_plugin.
+  std::optional<int64_t> gradient_accumulation_steps;
+  std::optional<GradientAccumulationPlugin> gradient_accumulation_plugin;
+  /// Stay on the CPU even when a GPU is there (`ACCELERATE_USE_CPU`).
+  std::optional<bool> cpu;
+  /// Generators synchronised across processes at the start of each data loader iteration
+  /// (default {GENERATOR}).
+  std::optional<std::vector<RNGType>> rng_types;
+  /// Shorthand for project_config.project_dir.
+  std::optional<std::string> project_dir;
+  std::optional<ProjectConfiguration> project_config;
+  /// Process 0 reads and sends the batches (default: for iterable datasets only).
+  std::optional<bool> dispatch_batches;
+  /// Wrap around so that every process gets the same number of batches (default true).
+  std::optional<bool> even_batches;
+  /// Shuffle with a sampler seeded by seed + epoch (default false).
+  std::optional<bool> use_seedable_sampler;
+  /// The scheduler steps with the optimizer, num_processes times per step unless
+  /// split_batches (default true).
+  std::optional<bool> step_scheduler_with_optimizer;
+  /// Kwargs handlers.
+  std::optional<DistributedDataParallelKwargs> ddp_kwargs;
+  std::optional<GradScalerKwargs> scaler_kwargs;
+  std::optional<AutocastKwargs> autocast_kwargs;
+  std::optional<InitProcessGroupKwargs> init_kwargs;
+  /// The states to use (tests run ranks as threads); default: the process-wide ones.
+  std::shared_ptr<PartialState> state;
+  std::shared_ptr<data::GradientState> gradient_state;
+};
+
+/// The options after resolution: every value known, and where it came from.
+struct AcceleratorConfig {
+  bool device_placement = true;
+  bool split_batches = false;
+  MixedPrecision mixed_precision = MixedPrecision::NO;
+  GradientAccumulationPlugin gradient_accumulation;
+  std::optional<bool> cpu;
+  std::vector<RNGType> rng_types = {RNGType::GENERATOR};
+  ProjectConfiguration project_config;
+  std::optional<bool> dispatch_batches;
+  bool even_batches = true;
+  bool use_seedable_sampler = false;
+  bool step_scheduler_with_optimizer = true;
+  DistributedDataParallelKwargs ddp_kwargs;
+  GradScalerKwargs scaler_kwargs;
+  AutocastKwargs autocast_kwargs;
+  InitProcessGroupKwargs init_kwargs;
+  /// Field name -> "argument", "environment" or "default".
+  std::map<std::string, std::string> sources;
+
+  /// One line per field: "mixed_precision = bf16 (environment)".
+  std::string describe() const;
+};
+
+/// Applies the precedence rule and validates; errors name the field and the bad value.
+AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options, const EnvMap& env);
+
+class Accelerator;
+
+namespace detail {
+
+template <class T>
+struct is_data_loader : std::false_type {};
+template <class Batch>
+struct is_data_loader<data::DataLoader<Batch>> : std::true_type {};
+
+/// What the Accelerator shares with the wrappers it hands out.
+struct OptimizerSlot {
+  torch::optim::Optimizer* optimizer = nullptr;
+  std::shared_ptr<torch::optim::Optimizer> owner;  // set when prepared from a shared_ptr
+  bool step_was_skipped = false;
+  bool unscaled = false;  // this step's gradients are already unscaled
+};
+
+struct AcceleratorCore {
+  AcceleratorConfig config;
+  std::shared_ptr<PartialState> state;
+  std::shared_ptr<data::GradientState> gradient_state;
+  std::unique_ptr<GradScaler> scaler;  // fp16 only
+  int64_t step = 0;                    // batches seen in the current accumulation cycle
+  std::vector<std::shared_ptr<torch::nn::Module>> models;
+  std::map<const torch::nn::Module*, std::shared_ptr<GradientSynchronizer>> synchronizers;
+  std::vector<std::shared_ptr<OptimizerSlot>> optimizers;
+
+  GradientSynchronizer* synchronizer(const torch::nn::Module* module) const;
+  void unscale(OptimizerSlot& slot);
+};
+
+}  // namespace detail
+
+/// Accelerate's `AcceleratedOptimizer`: steps and zeroes only on steps that synchronise
+/// gradients, and goes through the loss scaler under fp16. Copies share one optimizer.
+///
+/// Example:
+/// \code
+///   auto opt = accelerator.prepare(sgd);
+///   opt.step();       // no-op while accumulating
+///   opt.zero_grad();  // likewise
+/// \endcode
+class AcceleratedOptimizer {
+ public:
+  AcceleratedOptimizer(std::shared_ptr<detail::OptimizerSlot> slot,
+                       std::shared_ptr<detail::AcceleratorCore> core);
+
+  /// Steps when gradients were synchronised this step; under fp16, unscales first and skips
+  /// the step when a gradient is inf/NaN (then step_was_skipped()).
+  void step();
+  /// Zeroes the gradients (sets them to undefined when set_to_none, as PyTorch 2 does by
+  /// default) when gradients were synchronised this step.
+  void zero_grad(bool set_to_none = true);
+  /// Whether the last step() was skipped by the loss scaler.
+  bool step_was_skipped() const { return slot_->step_was_skipped; }
+
+  torch::optim::Optimizer& optimizer() const { return *slot_->optimizer; }
+  torch::optim::Optimizer* operator->() const { return slot_->optimizer; }
+  std::vector<torch::optim::OptimizerParamGroup>& param_groups() {
+    return slot_->optimizer->param_groups();
+  }
+  operator torch::optim::Optimizer&() const { return *slot_->optimizer; }
+
+ private:
+  std::shared_ptr<detail::OptimizerSlot> slot_;
+  std::shared_ptr<detail::AcceleratorCore> core_;
+};
+
+/// Accelerate's `AcceleratedScheduler`: steps only after a real optimizer step; with
+/// step_scheduler_with_optimizer it steps num_processes times per call (each process saw
+/// num_processes times fewer batches) unless split_batches.
+class AcceleratedScheduler {
+ public:
+  AcceleratedScheduler(std::shared_ptr<LRScheduler> scheduler,
+                       std::shared_ptr<detail::AcceleratorCore> core);
+
+  void step();
+  std::vector<double> get_last_lr() const { return scheduler_->get_last_lr(); }
+  LRScheduler& scheduler() const { return *scheduler_; }
+  LRScheduler* operator->() const { return scheduler_.get(); }
+  SchedulerState state_dict() const { return scheduler_->state_dict(); }
+  void load_state_dict(const SchedulerState& state) { scheduler_->load_state_dict(state); }
+
+ private:
+  std::shared_ptr<LRScheduler> scheduler_;
+  std::shared_ptr<detail::AcceleratorCore> core_;
+};
+
+/// Scope guard restoring a synchroniser's require_sync flags (no_sync, accumulate,
+/// trigger_sync_in_backward).
+class [[nodiscard]] SyncGuard {
+ public:
+  SyncGuard() = default;
+  SyncGuard(SyncGuard&& other) noexcept : saved_(std::move(other.saved_)) { other.saved_.clear(); }
+  SyncGuard& operator=(SyncGuard&&) = delete;
+  SyncGuard(const SyncGuard&) = delete;
+  SyncGuard& operator=(const SyncGuard&) = delete;
+  ~SyncGuard();
+
+ private:
+  friend class Accelerator;
+  void set(GradientSynchronizer* sync, bool require);
+  std::vector<std::pair<GradientSynchronizer*, bool>> saved_;
+};
+
+/// Autocast for the configured precision while it lives; does nothing under "no".
+class [[nodiscard]] AutocastScope {
+ public:
+  AutocastScope() = default;
+  AutocastScope(c10::DeviceType device, at::ScalarType dtype, const AutocastKwargs& kwargs)
+      : guard_(std::in_place, device, dtype, kwargs) {}
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+  bool active() const { return guard_.has_value(); }
+
+ private:
+  std::optional<AutocastGuard> guard_;
+};
+
+/// Options for Accelerator::backward.
+struct BackwardOptions {
+  bool retain_graph = false;
+  bool create_graph = false;
+};
+
+/// Options for prepare_model.
+struct PrepareModelOptions {
+  /// Overrides the Accelerator's device_placement for this model.
+  std::optional<bool> device_placement;
+  /// Inference only: placed on the device, no gradient synchronisation.
+  bool evaluation_mode = false;
+};
+
+/// See the file comment.
+class Accelerator {
+ public:
+  explicit Accelerator(const AcceleratorOptions& options = {});
+
+  // ------------------------------------------------------------------ prepare
+
+  /// Prepares any mix of models (ModuleHolders or shared_ptrs to modules), optimizers,
+  /// LR schedulers and data loaders, and returns them in the same order: models and loaders
+  /// as the same types, optimizers as AcceleratedOptimizer, schedulers as
+  /// AcceleratedScheduler. One object comes back bare, several as a tuple.
+  template <class... Ts>
+  auto prepare(Ts&&... objects) {
+    static_assert(sizeof...(Ts) > 0, "accelerate: prepare() needs at least one object");
+    // Optimizers first, as Accelerate does, so schedulers find theirs whatever the order.
+    (prepare_optimizer_first(objects), ...);
+    if constexpr (sizeof...(Ts) == 1) {
+      return prepare_one(std::forward<Ts>(objects)...);
+    } else {
+      return std::tuple<decltype(prepare_one(std::forward<Ts>(objects)))...>{
+          prepare_one(std::forward<Ts>(objects))...};
+    }
+  }
+
+  /// Places the model on the device and, with several processes, synchronises its gradients
+  /// during backward. Replicas start from process 0's parameters and buffers.
+  template <class Holder>
+  requires std::derived_from<typename std::decay_t<Holder>::ContainedType, torch::nn::Module>
+      std::decay_t<Holder> prepare_model(Holder&& model, const PrepareModelOptions& options = {}) {
+    prepare_module(model.ptr(), options);
+    return model;
+  }
+  template <class M>
+  requires std::derived_from<M, torch::nn::Module> std::shared_ptr<M> prepare_model(
+      std::shared_ptr<M> model, const PrepareModelOptions& options = {}) {
+    prepare_module(model, options);
+    return model;
+  }
+  AcceleratedOptimizer prepare_optimizer(torch::optim::Optimizer& optimizer);
+  AcceleratedOptimizer prepare_optimizer(std::shared_ptr<torch::optim::Optimizer> optimizer);
+  AcceleratedScheduler prepare_scheduler(std::shared_ptr<LRScheduler> scheduler);
+  template <class Batch>
+  data::DataLoader<Batch> prepare_data_loader(const data::DataLoader<Batch>& loader) {
+    return data::prepare_data_loader(loader, data_loader_options());
+  }
+  template <class Batch>
+  data::DataLoader<Batch> skip_first_batches(const data::DataLoader<Batch>& loader,
+                                             int64_t num_batches) {
+    return data::skip_first_batches(loader, num_batches);
+  }
+
+  // ------------------------------------------------------------------ training
+
+  /// loss.backward(), scaled for gradient accumulation (divided by the number of steps) and
+  /// for the fp16 loss scaler.
+  void backward(const at::Tensor& loss, const BackwardOptions& options = {});
+
+  /// Gradient accumulation: counts this batch and decides whether it synchronises and steps
+  /// (every gradient_accumulation_steps batches, and at the end of the data loader when
+  /// sync_with_dataloader); while it does not, the models' gradients stay local.
+  template <class... Models>
+  SyncGuard accumulate(const Models&... models) {
+    do_sync();
+    SyncGuard guard;
+    if (!sync_gradients()) (guard.set(synchronizer_of(models), false), ...);
+    return guard;
+  }
+  /// Gradients of these models stay local while the guard lives.
+  template <class... Models>
+  SyncGuard no_sync(const Models&... models) {
+    SyncGuard guard;
+    (guard.set(synchronizer_of(models), false), ...);
+    return guard;
+  }
+  /// The next backward synchronises these models' gradients even inside no_sync.
+  template <class... Models>
+  SyncGuard trigger_sync_in_backward(const Models&... models) {
+    SyncGuard guard;
+    (guard.set(synchronizer_of(models), true), ...);
+    return guard;
+  }
+
+  /// Autocast to the configured precision (bf16 on CPU/CUDA, fp16 on CUDA) while the guard
+  /// lives. C++ cannot wrap a module's forward as Accelerate does, so put the forward pass
+  /// (and the loss) inside it.
+  AutocastScope autocast() const { return autocast(config().autocast_kwargs); }
+  AutocastScope autocast(const AutocastKwargs& kwargs) const;
+
+  /// Unscales the prepared optimizers' gradients (fp16); a no-op otherwise and when already
+  /// done this step.
+  void unscale_gradients();
+  /// Unscales, then clips the gradients' total norm; returns the norm before clipping.
+  double clip_grad_norm_(const std::vector<at::Tensor>& parameters, double max_norm,
+                         double norm_type = 2.0);
+  /// Unscales, then clamps every gradient to [-clip_value, clip_value].
+  void clip_grad_value_(const std::vector<at::Tensor>& parameters, double clip_value);
+
+  /// Whether this step synchronises gradients (and the optimizer steps).
+  bool sync_gradients() const { return core_->gradient_state->sync_gradients(); }
+  /// Whether the last optimizer step was skipped by the loss scaler.
+  bool optimizer_step_was_skipped() const;
+  /// Batches counted by accumulate() (restarts at the end of a loader with sync_with_dataloader).
+  int64_t step() const { return core_->step; }
+
+  // ------------------------------------------------------------------ evaluation
+
+  template <class T>
+  T gather(const T& data) const {
+    return accelerate::gather(*core_->state, data);
+  }
+  /// Gathers, dropping the samples the last batches repeated to even them out.
+  template <class T>
+  T gather_for_metrics(const T& data) const {
+    return data::gather_for_metrics(*core_->state, *core_->gradient_state, data);
+  }
+  template <class T>
+  std::vector<T> gather_object_for_metrics(const std::vector<T>& objects) const {
+    return data::gather_object_for_metrics(*core_->state, *core_->gradient_state, objects);
+  }
+  template <class T>
+  T reduce(const T& data, Reduction reduction = Reduction::kSum, double scale = 1.0) const {
+    return accelerate::reduce(*core_->state, data, reduction, scale);
+  }
+  template <class T>
+  T pad_across_processes(const T& data, const PadOptions& options = {}) const {
+    return accelerate::pad_across_processes(*core_->state, data, options);
+  }
+
+  // ------------------------------------------------------------------ models
+
+  /// The model itself: prepare() does not wrap models in C++.
+  template <class M>
+  M unwrap_model(const M& model) const {
+    return model;
+  }
+  /// Parameters and buffers by name, detached copies on the CPU.
+  torch::OrderedDict<std::string, at::Tensor> get_state_dict(const torch::nn::Module& model) const;
+  /// Drops every reference to prepared objects (and their gradient hooks) and resets the
+  /// accumulation counter.
+  void free_memory();
+  void clear() { free_memory(); }
+  /// Accelerate's join_uneven_inputs wraps DDP's Join, which LibTorch lacks. With
+  /// even_batches (the default) every process gets the same number of batches, so nothing is
+  /// needed; this is a documented no-op returning an empty guard.
+  SyncGuard join_uneven_inputs() const { return {}; }
+  /// Big-model device maps do not exist in C++: always false.
+  bool verify_device_map(const torch::nn::Module&) const { return false; }
+
+  // ------------------------------------------------------------------ processes
+
+  const c10::Device& device() const { return core_->state->device(); }
+  DistributedType distributed_type() const { return core_->state->distributed_type(); }
+  int num_processes() const { return core_->state->num_processes(); }
+  int process_index() const { return core_->state->process_index(); }
+  int local_process_index() const { return core_->state->local_process_index(); }
+  bool is_main_process() const { return core_->state->is_main_process(); }
+  bool is_local_main_process() const { return core_->state->is_local_main_process(); }
+  bool is_last_process() const { return core_->state->is_last_process(); }
+  bool use_distributed() const { return core_->state->use_distributed(); }
+  std::string mixed_precision() const { return to_string(core_->config.mixed_precision); }
+  int64_t gradient_accumulation_steps() const {
+    return core_->config.gradient_accumulation.num_steps;
+  }
+  bool split_batches() const { return core_->config.split_batches; }
+  const std::string& project_dir() const { return core_->config.project_config.project_dir; }
+  const AcceleratorConfig& config() const { return core_->config; }
+  PartialState& state() const { return *core_->state; }
+  data::GradientState& gradient_state() const { return *core_->gradient_state; }
+  /// The fp16 loss scaler, or nullptr.
+  GradScaler* scaler() const { return core_->scaler.get(); }
+
+  void wait_for_everyone() const { core_->state->wait_for_everyone(); }
+  template <class... Args>
+  void print(const Args&... args) const {
+    core_->state->print(args...);
+  }
+  ProcessesFirst main_process_first() const { return core_->state->main_process_first(); }
+  ProcessesFirst local_main_process_first() const {
+    return core_->state->local_main_process_first();
+  }
+  template <class F>
+  auto on_main_process(F&& fn) const {
+    return core_->state->on_main_process(std::forward<F>(fn));
+  }
+  template <class F>
+  auto on_local_main_process(F&& fn) const {
+    return core_->state->on_local_main_process(std::forward<F>(fn));
+  }
+  template <class F>
+  auto on_last_process(F&& fn) const {
+    return core_->state->on_last_process(std::forward<F>(fn));
+  }
+  template <class F>
+  auto on_process(int index, F&& fn) const {
+    return core_->state->on_process(index, std::forward<F>(fn));
+  }
+  template <class F>
+  auto on_local_process(int index, F&& fn) const {
+    return core_->state->on_local_process(index, std::forward<F>(fn));
+  }
+  template <class T>
+  auto split_between_processes(const T& inputs, bool apply_padding = false) const {
+    return core_->state->split_between_processes(inputs, apply_padding);
+  }
+  void set_trigger() const { core_->state->set_trigger(); }
+  bool check_trigger() const { return core_->state->check_trigger(); }
+
+ private:
+  template <class T>
+  void prepare_optimizer_first(T& object) {
+    using D = std::decay_t<T>;
+    if constexpr (std::derived_from<D, torch::optim::Optimizer>) {
+      remember_optimizer(&object, nullptr);
+    } else if constexpr (requires { typename D::element_type; }) {
+      if constexpr (std::derived_from<typename D::element_type, torch::optim::Optimizer>) {
+        remember_optimizer(object.get(), object);
+      }
+    }
+  }
+
+  template <class T>
+  auto prepare_one(T&& object) {
+    using D = std::decay_t<T>;
+    if constexpr (requires { typename D::ContainedType; }) {
+      return prepare_model(std::forward<T>(object));
+    } else if constexpr (std::derived_from<D, torch::optim::Optimizer>) {
+      static_assert(std::is_lvalue_reference_v<T>,
+                    "accelerate: prepare() keeps a reference to the optimizer: pass one that "
+                    "outlives the Accelerator, not a temporary");
+      return prepare_optimizer(object);
+    } else if constexpr (requires { typename D::element_type; }) {
+      using E = typename D::element_type;
+      if constexpr (std::derived_from<E, torch::nn::Module>) {
+        return prepare_model(std::shared_ptr<E>(object));
+      } else if constexpr (std::derived_from<E, torch::optim::Optimizer>) {
+        return prepare_optimizer(std::shared_ptr<torch::optim::Optimizer>(object));
+      } else if constexpr (std::derived_from<E, LRScheduler>) {
+        return prepare_scheduler(std::shared_ptr<LRScheduler>(object));
+      } else {
+        static_assert(sizeof(E) == 0,
+                      "accelerate: prepare() takes models, optimizers, "
+                      "schedulers and data loaders");
+      }
+    } else if constexpr (std::derived_from<D, LRScheduler>) {
+      static_assert(sizeof(D) == 0,
+                    "accelerate: pass schedulers to prepare() as std::shared_ptr<LRScheduler>");
+    } else {
+      static_assert(detail::is_data_loader<D>::value,
+                    "accelerate: prepare() takes models, optimizers, schedulers and data loaders");
+      return prepare_data_loader(object);
+    }
+  }
+
+  void prepare_module(const std::shared_ptr<torch::nn::Module>& module,
+                      const PrepareModelOptions& options);
+  void remember_optimizer(torch::optim::Optimizer* optimizer,
+                          std::shared_ptr<torch::optim::Optimizer> owner);
+  data::PrepareDataLoaderOptions data_loader_options() const;
+  void do_sync();
+
+  template <class M>
+  GradientSynchronizer* synchronizer_of(const M& model) const {
+    if constexpr (requires { model.ptr(); }) {
+      return core_->synchronizer(model.ptr().get());
+    } else if constexpr (requires { model.get(); }) {
+      return core_->synchronizer(model.get());
+    } else {
+      return core_->synchronizer(&model);
+    }
+  }
+
+  std::shared_ptr<detail::AcceleratorCore> core_;
+};
+
+}  // namespace accelerate

@@ -1,0 +1,180 @@
+#pragma once
+/// \file
+/// Data-parallel gradient averaging for a plain `torch::nn::Module`: what PyTorch's
+/// `DistributedDataParallel` does, without wrapping the module's forward.
+///
+/// A GradientSynchronizer makes every replica start from process 0's parameters and buffers, then
+/// hooks each trainable parameter's gradient accumulator. During `loss.backward()` gradients are
+/// packed into buckets (in reverse registration order, the order they tend to become ready) and
+/// each bucket is all-reduced asynchronously as soon as it is complete, so communication overlaps
+/// the rest of the backward pass. When backward ends every `.grad` holds the average over
+/// processes.
+///
+/// Example:
+/// \code
+///   auto model = std::make_shared<Net>();
+///   accelerate::GradientSynchronizer sync(model, state, {.bucket_cap_mb = 25});
+///   for (auto& batch : loader) {
+///     optimizer.zero_grad();
+///     model->forward(batch.data).backward();   // grads are averaged when this returns
+///     optimizer.step();
+///   }
+/// \endcode
+
+#include <accelerate/state.h>
+
+#include <torch/nn/module.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace accelerate {
+
+/// Options of the data-parallel wrapper, with Accelerate's (and PyTorch DDP's) names and
+/// defaults.
+///
+/// Example:
+/// \code
+///   accelerate::DistributedDataParallelKwargs kwargs{.bucket_cap_mb = 50,
+///                                                     .find_unused_parameters = true};
+/// \endcode
+struct DistributedDataParallelKwargs {
+  /// Largest gradient bucket, in MiB. The first bucket is capped at min(1 MiB, this) so that the
+  /// first all-reduce starts early in backward.
+  double bucket_cap_mb = 25;
+  /// Allow parameters that get no gradient in a backward pass (on some or all processes). Such a
+  /// parameter contributes its current `.grad` (what no_sync steps accumulated) or zeros, so the
+  /// result is the sum over the processes that used it divided by the number of processes; if no
+  /// process used it since the last synchronization, its `.grad` is left as it was (often
+  /// undefined), as in PyTorch. Without this flag such a parameter is an error, raised on every
+  /// process at the end of backward. Cost: a bucket holding an unused parameter, and every bucket
+  /// after it, is sent at the end of backward instead of overlapping it.
+  bool find_unused_parameters = false;
+  /// Whether the Accelerator should call broadcast_buffers() before each forward pass. The
+  /// synchronizer only provides broadcast_buffers(); it does not call it by itself.
+  bool broadcast_buffers = true;
+  /// After the first synchronized backward, each `.grad` shares memory with its bucket, so
+  /// gradients are neither copied into nor out of the bucket and take no extra memory. Holds for
+  /// parameters whose bucket has their dtype and device (not 16-bit ones on Gloo, whose buckets
+  /// are float32); others are copied as usual. Setting `.grad` to an undefined tensor (LibTorch
+  /// 2.x's `zero_grad()`) is fine: the next synchronization makes it a bucket view again. Since
+  /// `.grad` is the bucket, a parameter no process used still has its `.grad` averaged.
+  bool gradient_as_bucket_view = false;
+  /// Accepted for compatibility and ignored: it is an optimization hint in PyTorch and has no
+  /// effect on results here.
+  bool static_graph = false;
+};
+
+namespace detail {
+struct SyncCore;
+}  // namespace detail
+
+class GradientSynchronizer;
+
+/// Guard returned by GradientSynchronizer::no_sync(): gradients accumulate locally while it
+/// lives; the previous setting comes back when it is destroyed, also by an exception. It is
+/// harmless if the synchronizer is destroyed first.
+///
+/// Example:
+/// \code
+///   for (int micro = 0; micro < 3; ++micro) {
+///     auto local = sync.no_sync();
+///     model->forward(batches[micro]).sum().backward();   // accumulates locally
+///   }
+///   model->forward(batches[3]).sum().backward();         // averages all four
+/// \endcode
+class [[nodiscard]] NoSyncGuard {
+ public:
+  NoSyncGuard(const NoSyncGuard&) = delete;
+  NoSyncGuard& operator=(const NoSyncGuard&) = delete;
+  NoSyncGuard(NoSyncGuard&& other) noexcept;
+  NoSyncGuard& operator=(NoSyncGuard&&) = delete;
+  ~NoSyncGuard();
+
+ private:
+  friend class GradientSynchronizer;
+  NoSyncGuard(std::weak_ptr<detail::SyncCore> core, bool previous);
+  std::weak_ptr<detail::SyncCore> core_;
+  bool previous_;
+};
+
+/// Averages the gradients of `module`'s trainable parameters over all processes during backward,
+/// the way PyTorch's `DistributedDataParallel` does.
+///
+/// Contract, as with DDP: every process runs the same model, and every process runs a backward
+/// pass that reaches at least one trainable parameter whenever one does (each all-reduce needs
+/// all of them; a process whose backward reaches no parameter never joins and the others fail
+/// after the state's timeout). `torch::autograd::grad()` does not accumulate `.grad` and is not
+/// synchronized. Create the synchronizer after moving the model to its device and dtype.
+///
+///  - Construction broadcasts all parameters and buffers from process 0 (a few flat byte
+///    buffers, not one message per tensor) after checking, with one small all_gather, that every
+///    process has the same parameters and buffers; a mismatch is an error on every process
+///    naming the first difference.
+///  - Gradients are averaged when backward returns (an autograd-engine callback calls
+///    finalize()). Errors of the all-reduce name the operation "backward (gradient all-reduce)".
+///  - With find_unused_parameters=false, a parameter that got no gradient on some process makes
+///    backward throw on every process, naming it; the gradients of that step are then not
+///    averaged (with gradient_as_bucket_view they are unspecified). No process hangs: the end of
+///    backward always sends every bucket, and per-parameter flags travelling inside the buckets
+///    tell every process the same thing, at no extra collective.
+///  - A backward pass that fails (an exception in some backward function) drops that step's
+///    synchronization; the next backward starts clean.
+///  - With one process, nothing is hooked and everything is a no-op.
+///  - Destroying the synchronizer removes its hooks; later backward passes are purely local.
+///    Do not destroy it while a backward pass is running.
+///
+/// Example:
+/// \code
+///   accelerate::GradientSynchronizer sync(model, state);
+///   {
+///     auto local = sync.no_sync();           // gradient accumulation: no communication
+///     model->forward(x0).sum().backward();
+///   }
+///   model->forward(x1).sum().backward();     // averages the accumulated gradients
+/// \endcode
+class GradientSynchronizer {
+ public:
+  GradientSynchronizer(std::shared_ptr<torch::nn::Module> module,
+                       std::shared_ptr<PartialState> state,
+                       DistributedDataParallelKwargs kwargs = {});
+  GradientSynchronizer(const GradientSynchronizer&) = delete;
+  GradientSynchronizer& operator=(const GradientSynchronizer&) = delete;
+  GradientSynchronizer(GradientSynchronizer&&) noexcept = default;
+  GradientSynchronizer& operator=(GradientSynchronizer&&) = delete;
+  ~GradientSynchronizer();
+
+  /// Completes a pending synchronization: launches the remaining buckets, waits for them and
+  /// writes the averages to `.grad`. backward() already does this when it ends; calling it again
+  /// is a no-op, as is calling it with nothing pending.
+  void finalize();
+
+  /// When false, backward passes only accumulate `.grad` locally (gradient accumulation); the
+  /// next backward with sync enabled averages the accumulated gradients.
+  void set_require_sync(bool require_sync);
+  bool require_sync() const;
+  /// Disables synchronization until the returned guard is destroyed (Accelerate's `no_sync`).
+  NoSyncGuard no_sync();
+
+  /// Copies process 0's buffers (e.g. BatchNorm running statistics) to every process.
+  void broadcast_buffers();
+
+  const DistributedDataParallelKwargs& kwargs() const { return kwargs_; }
+  /// True when hooks are installed, i.e. there is more than one process.
+  bool active() const;
+
+  // ------------------------------------------------------------------ introspection
+  /// The names (from named_parameters()) of the parameters in each bucket, in launch order.
+  std::vector<std::vector<std::string>> bucket_parameter_names() const;
+  size_t num_buckets() const;
+  /// All-reduces launched since construction (one per bucket per synchronized backward).
+  int64_t num_allreduces_launched() const;
+
+ private:
+  DistributedDataParallelKwargs kwargs_;
+  std::shared_ptr<detail::SyncCore> core_;
+};
+
+}  // namespace accelerate
