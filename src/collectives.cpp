@@ -20,17 +20,6 @@ compat::Backend& group(const PartialState& state, const char* op) {
   return *pg;
 }
 
-// Gloo's own timeout ends a stuck collective; this names what the user called, and where.
-void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<compat::Work>& work) {
-  try {
-    work->wait();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "accelerate: collective '", op, "' failed on process ",
-                state.process_index(), " of ", state.num_processes(), " (timeout ",
-                std::chrono::duration<double>(state.timeout()).count(), " s): ", e.what());
-  }
-}
-
 // Tensors travel on the device the backend works on: the CPU for Gloo, the GPU for NCCL.
 at::Tensor to_comm(const PartialState& state, const at::Tensor& t) {
   const c10::Device device = state.backend() == "nccl" ? state.device() : c10::Device(c10::kCPU);
@@ -108,6 +97,17 @@ c10::ScalarType reduce_dtype(c10::ScalarType t) {
 }
 
 }  // namespace
+
+// Gloo's own timeout ends a stuck collective; this names what the user called, and where.
+void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<compat::Work>& work) {
+  try {
+    work->wait();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: collective '", op, "' failed on process ",
+                state.process_index(), " of ", state.num_processes(), " (timeout ",
+                std::chrono::duration<double>(state.timeout()).count(), " s): ", e.what());
+  }
+}
 
 void verify_same_shape(const PartialState& state, const char* op, const at::Tensor& t) {
   if (!state.debug() || !state.use_distributed()) return;

@@ -50,17 +50,6 @@ compat::Backend& group(const PartialState& state, const char* op) {
   return *pg;
 }
 
-void wait_work(const PartialState& state, const char* op,
-               const c10::intrusive_ptr<compat::Work>& work) {
-  try {
-    work->wait();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "accelerate: collective '", op, "' failed on process ",
-                state.process_index(), " of ", state.num_processes(), " (timeout ",
-                std::chrono::duration<double>(state.timeout()).count(), " s): ", e.what());
-  }
-}
-
 c10::Device comm_device(const PartialState& state, const c10::Device& tensor_device) {
   return state.backend() == "nccl" ? tensor_device : c10::Device(c10::kCPU);
 }
@@ -137,7 +126,7 @@ void broadcast_packed(const PartialState& state, const char* op,
     opts.rootRank = 0;
     chunk.work = group(state, op).broadcast(bufs, opts);
   }
-  for (auto& chunk : chunks) wait_work(state, op, chunk.work);
+  for (auto& chunk : chunks) detail::wait(state, op, chunk.work);
   if (main) return;
   for (const auto& chunk : chunks) {
     for (const auto& [t, offset] : chunk.parts) {
@@ -388,7 +377,7 @@ void SyncCore::finalize() {
 
   while (next_launch < buckets.size()) launch(buckets[next_launch++]);
   for (auto& b : buckets) {
-    wait_work(*state, kBackwardOp, b.work);
+    detail::wait(*state, kBackwardOp, b.work);
     b.work.reset();
   }
 

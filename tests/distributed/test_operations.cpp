@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include "thread_ranks.h"
 
 #include <atomic>
@@ -30,6 +32,8 @@ struct Outputs {
 ACCELERATE_TENSOR_FIELDS(test_ops::Outputs, logits, hidden, loss);
 
 namespace {
+
+using accelerate::testing::error_of;
 
 using accelerate::PartialState;
 using accelerate::Reduction;
@@ -80,15 +84,6 @@ at::Tensor range(int64_t from, int64_t to) {
            << expected;
   }
   return ::testing::AssertionSuccess();
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 bool contains(const std::string& text, const std::string& part) {

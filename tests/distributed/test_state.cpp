@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include "thread_ranks.h"
 
 #include <chrono>
@@ -18,14 +20,7 @@ using accelerate::testing::run_ranks_collect;
 
 namespace {
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using accelerate::testing::error_of;
 
 }  // namespace
 

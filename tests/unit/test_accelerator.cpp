@@ -4,10 +4,12 @@
 #include <accelerate/accelerator.h>
 
 #include <gtest/gtest.h>
+
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
+#include "expect_error.h"
 
 #include <cmath>
 #include <memory>
@@ -16,21 +18,13 @@
 
 namespace {
 
+using accelerate::testing::error_of;
+
 using accelerate::Accelerator;
 using accelerate::AcceleratorOptions;
 using accelerate::EnvMap;
 using accelerate::resolve_accelerator_options;
 namespace data = accelerate::data;
-
-#define EXPECT_ERROR_CONTAINS(stmt, text)                                         \
-  do {                                                                            \
-    try {                                                                         \
-      stmt;                                                                       \
-      ADD_FAILURE() << "no error from " #stmt;                                    \
-    } catch (const std::exception& e) {                                           \
-      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what(); \
-    }                                                                             \
-  } while (0)
 
 // One process, its own states, so tests do not share the process-wide ones.
 AcceleratorOptions single(AcceleratorOptions o = {}) {

@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include <functional>
 #include <limits>
 #include <sstream>
@@ -20,20 +22,7 @@ using accelerate::GradScalerState;
 
 namespace {
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define EXPECT_ERROR_CONTAINS(stmt, text)                                 \
-  do {                                                                    \
-    const std::string msg_ = error_of([&] { stmt; });                     \
-    EXPECT_NE(msg_.find(text), std::string::npos) << "message: " << msg_; \
-  } while (0)
+using accelerate::testing::error_of;
 
 at::Tensor fp32(const std::vector<float>& values) {
   return torch::tensor(values);

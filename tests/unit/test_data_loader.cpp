@@ -5,8 +5,10 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
+
 #include <torch/csrc/api/include/torch/data/datasets/base.h>
 #include <torch/csrc/api/include/torch/data/datasets/tensor.h>
+#include "expect_error.h"
 
 #include <algorithm>
 #include <atomic>
@@ -24,6 +26,8 @@
 #include <vector>
 
 namespace {
+
+using accelerate::testing::error_of;
 
 using accelerate::data::DataLoader;
 
@@ -91,24 +95,6 @@ using namespace std::chrono_literals;
 // ---------------------------------------------------------------------- helpers
 
 /// The message of what `f` throws, or "<no exception>".
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
-
-#define EXPECT_ERROR_CONTAINS(statement, substring)                                   \
-  do {                                                                                \
-    const std::string accelerate_msg_ = error_of([&] { statement; });                 \
-    EXPECT_NE(accelerate_msg_.find(substring), std::string::npos) << accelerate_msg_; \
-  } while (0)
-
 /// One epoch of a loader of tensors, as the values of each batch.
 template <class L>
 Batches epoch_of(L& loader) {

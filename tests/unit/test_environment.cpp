@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include <cstdlib>
 
 using accelerate::detect_topology;
@@ -9,14 +11,7 @@ using accelerate::EnvMap;
 
 namespace {
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using accelerate::testing::error_of;
 
 }  // namespace
 

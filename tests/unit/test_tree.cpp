@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include <array>
 #include <functional>
 #include <map>
@@ -46,6 +48,8 @@ struct accelerate::TensorTree<user::Twins<T>> {
 
 namespace {
 
+using accelerate::testing::error_of;
+
 using accelerate::PartialState;
 using accelerate::Reduction;
 using accelerate::TreePath;
@@ -76,21 +80,6 @@ at::Tensor floats(std::vector<float> values) {
   }
   return ::testing::AssertionSuccess();
 }
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-#define EXPECT_ERROR_CONTAINS(statement, text)                                 \
-  do {                                                                         \
-    const std::string accelerate_msg = error_of([&] { (void)(statement); });   \
-    EXPECT_NE(accelerate_msg.find(text), std::string::npos) << accelerate_msg; \
-  } while (false)
 
 template <class T>
 std::vector<std::string> paths_of(const T& data) {

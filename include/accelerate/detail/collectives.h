@@ -58,6 +58,9 @@ std::vector<std::string> all_gather_bytes(const PartialState& state, const char*
 std::string broadcast_bytes(const PartialState& state, const char* op, const std::string& bytes,
                             int src);
 
+/// Waits for `work`; a failure or timeout becomes an error naming `op` and this process.
+void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<compat::Work>& work);
+
 /// Blocks until every process arrives.
 void barrier(const PartialState& state, const char* op);
 
