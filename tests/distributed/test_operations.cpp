@@ -34,6 +34,7 @@ ACCELERATE_TENSOR_FIELDS(test_ops::Outputs, logits, hidden, loss);
 namespace {
 
 using accelerate::testing::error_of;
+using accelerate::testing::same;
 
 using accelerate::PartialState;
 using accelerate::Reduction;
@@ -72,20 +73,6 @@ at::Tensor range(int64_t from, int64_t to) {
 }
 
 // Exact equality: same dtype, same shape, same values.
-::testing::AssertionResult same(const at::Tensor& actual, const at::Tensor& expected) {
-  if (!actual.defined() || !expected.defined()) {
-    return ::testing::AssertionFailure() << "undefined tensor";
-  }
-  if (actual.scalar_type() != expected.scalar_type() || actual.sizes() != expected.sizes() ||
-      !at::equal(actual, expected)) {
-    return ::testing::AssertionFailure()
-           << "got " << actual.scalar_type() << " " << actual.sizes() << "\n"
-           << actual << "\nexpected " << expected.scalar_type() << " " << expected.sizes() << "\n"
-           << expected;
-  }
-  return ::testing::AssertionSuccess();
-}
-
 bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
 }

@@ -61,6 +61,21 @@ struct RunResult {
 };
 
 /// Path of the `accelerate` executable under test (set by CMake).
+/// Variables a test runner may have set that would change how a worker finds its peers.
+inline const std::vector<std::string> kLaunchVariables = {"RANK",
+                                                          "WORLD_SIZE",
+                                                          "LOCAL_RANK",
+                                                          "LOCAL_WORLD_SIZE",
+                                                          "MASTER_ADDR",
+                                                          "MASTER_PORT",
+                                                          "OMPI_COMM_WORLD_RANK",
+                                                          "OMPI_COMM_WORLD_SIZE",
+                                                          "PMI_RANK",
+                                                          "PMI_SIZE",
+                                                          "SLURM_PROCID",
+                                                          "SLURM_NTASKS",
+                                                          "ACCELERATE_DEBUG_MODE"};
+
 inline std::string cli_path() {
 #ifdef ACCELERATE_CLI_PATH
   return ACCELERATE_CLI_PATH;

@@ -11,27 +11,13 @@
 #include <vector>
 
 using accelerate::testing::cli_path;
+using accelerate::testing::kLaunchVariables;
 using accelerate::testing::run_command;
 using accelerate::testing::worker_path;
 
 namespace {
 
 constexpr auto kTimeout = std::chrono::seconds(120);
-
-// Variables a test runner may have set that would change how a worker finds its peers.
-const std::vector<std::string> kLaunchVariables = {"RANK",
-                                                   "WORLD_SIZE",
-                                                   "LOCAL_RANK",
-                                                   "LOCAL_WORLD_SIZE",
-                                                   "MASTER_ADDR",
-                                                   "MASTER_PORT",
-                                                   "OMPI_COMM_WORLD_RANK",
-                                                   "OMPI_COMM_WORLD_SIZE",
-                                                   "PMI_RANK",
-                                                   "PMI_SIZE",
-                                                   "SLURM_PROCID",
-                                                   "SLURM_NTASKS",
-                                                   "ACCELERATE_DEBUG_MODE"};
 
 size_t count(const std::string& text, const std::string& part) {
   size_t n = 0;

@@ -12,6 +12,7 @@
 using accelerate::testing::ChildProcess;
 using accelerate::testing::cli_path;
 using accelerate::testing::free_port;
+using accelerate::testing::kLaunchVariables;
 using accelerate::testing::run_command;
 using accelerate::testing::RunResult;
 using accelerate::testing::worker_path;
@@ -23,21 +24,6 @@ constexpr auto kTimeout = std::chrono::seconds(120);
 bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
 }
-
-// Variables a test runner may have set that would change how a worker finds its peers.
-const std::vector<std::string> kLaunchVariables = {"RANK",
-                                                   "WORLD_SIZE",
-                                                   "LOCAL_RANK",
-                                                   "LOCAL_WORLD_SIZE",
-                                                   "MASTER_ADDR",
-                                                   "MASTER_PORT",
-                                                   "OMPI_COMM_WORLD_RANK",
-                                                   "OMPI_COMM_WORLD_SIZE",
-                                                   "PMI_RANK",
-                                                   "PMI_SIZE",
-                                                   "SLURM_PROCID",
-                                                   "SLURM_NTASKS",
-                                                   "ACCELERATE_DEBUG_MODE"};
 
 // Starts one process per entry of `envs` directly (no launcher) and waits for all of them.
 std::vector<RunResult> run_processes(const std::vector<std::string>& argv,

@@ -1,6 +1,7 @@
 #pragma once
-// What the tests use to check that bad input gets a clear error.
+// What the tests use to check errors and tensors.
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 
@@ -20,6 +21,21 @@ std::string error_of(F&& fn) {
     return e.what();
   }
   return "(no error)";
+}
+
+/// Exact equality of dtype, shape and values, with both tensors printed on failure.
+inline ::testing::AssertionResult same(const at::Tensor& actual, const at::Tensor& expected) {
+  if (!actual.defined() || !expected.defined()) {
+    return ::testing::AssertionFailure() << "undefined tensor";
+  }
+  if (actual.scalar_type() != expected.scalar_type() || actual.sizes() != expected.sizes() ||
+      !at::equal(actual, expected)) {
+    return ::testing::AssertionFailure()
+           << "got " << actual.scalar_type() << " " << actual.sizes() << "\n"
+           << actual << "\nexpected " << expected.scalar_type() << " " << expected.sizes() << "\n"
+           << expected;
+  }
+  return ::testing::AssertionSuccess();
 }
 
 }  // namespace accelerate::testing

@@ -49,6 +49,7 @@ struct accelerate::TensorTree<user::Twins<T>> {
 namespace {
 
 using accelerate::testing::error_of;
+using accelerate::testing::same;
 
 using accelerate::PartialState;
 using accelerate::Reduction;
@@ -67,20 +68,6 @@ at::Tensor floats(std::vector<float> values) {
 }
 
 // Exact equality: same dtype, same shape, same values.
-::testing::AssertionResult same(const at::Tensor& actual, const at::Tensor& expected) {
-  if (!actual.defined() || !expected.defined()) {
-    return ::testing::AssertionFailure() << "undefined tensor";
-  }
-  if (actual.scalar_type() != expected.scalar_type() || actual.sizes() != expected.sizes() ||
-      !at::equal(actual, expected)) {
-    return ::testing::AssertionFailure()
-           << "got " << actual.scalar_type() << " " << actual.sizes() << "\n"
-           << actual << "\nexpected " << expected.scalar_type() << " " << expected.sizes() << "\n"
-           << expected;
-  }
-  return ::testing::AssertionSuccess();
-}
-
 template <class T>
 std::vector<std::string> paths_of(const T& data) {
   std::vector<std::string> out;
