@@ -176,6 +176,43 @@ TEST(AcceleratorDistributed, AccumulationKeepsGradientsLocalUntilTheSyncStep) {
   }
 }
 
+TEST(AcceleratorDistributed, TriggerSyncInBackwardOverridesNoSyncAndEvaluationModelsStayLocal) {
+  std::vector<std::vector<at::Tensor>> unsynced(2), triggered(2), evaluated(2);
+  run_ranks(2, [&](PartialState& s) {
+    const auto r = static_cast<size_t>(s.process_index());
+    Accelerator acc(
+        {.state = s.shared_from_this(), .gradient_state = std::make_shared<data::GradientState>()});
+    auto model = acc.prepare(make_mlp(9));
+    auto x = at::full({2, 4}, 0.5 + static_cast<double>(r));
+    auto grads = [&](const torch::nn::Sequential& m) {
+      std::vector<at::Tensor> out;
+      for (const auto& p : m->parameters()) out.push_back(p.grad().clone());
+      for (auto& p : m->parameters()) p.mutable_grad().reset();
+      return out;
+    };
+    {
+      auto off = acc.no_sync(model);
+      acc.backward(model->forward(x).sum());
+      unsynced[r] = grads(model);
+      auto on = acc.trigger_sync_in_backward(model);
+      acc.backward(model->forward(x).sum());
+      triggered[r] = grads(model);
+    }
+    auto frozen = acc.prepare_model(make_mlp(9), {.evaluation_mode = true});
+    acc.backward(frozen->forward(x).sum());
+    evaluated[r] = grads(frozen);
+  });
+  EXPECT_FALSE(at::allclose(unsynced[0][0], unsynced[1][0]));
+  for (size_t i = 0; i < triggered[0].size(); ++i) {
+    EXPECT_TRUE(at::allclose(triggered[0][i], triggered[1][i], 1e-6, 1e-6)) << i;
+    EXPECT_TRUE(at::allclose(triggered[0][i], (unsynced[0][i] + unsynced[1][i]) / 2, 1e-5, 1e-5))
+        << i;
+  }
+  // Evaluation-mode models get no synchroniser: their gradients are each rank's own.
+  EXPECT_TRUE(at::allclose(evaluated[0][0], unsynced[0][0]));
+  EXPECT_TRUE(at::allclose(evaluated[1][0], unsynced[1][0]));
+}
+
 TEST(AcceleratorDistributed, SchedulerStepsOncePerProcessUnlessSplitBatches) {
   for (bool split : {false, true}) {
     std::vector<int64_t> epochs(3);
