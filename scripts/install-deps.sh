@@ -7,6 +7,7 @@ packages=(
   libgloo-dev                      # headers that c10d's ProcessGroupGloo.hpp includes
   libopenblas0-pthread             # fast BLAS: LibTorch otherwise uses the slow reference BLAS
   libcli11-dev                     # the `accelerate` command line
+  nlohmann-json3-dev               # safetensors headers (JSON)
   libgtest-dev                     # tests
   clang-format                     # formatting check in CI
 )

@@ -1,1 +1,507 @@
-// Filled in by the checkpointing work (issue 5).
+#include <accelerate/safetensors.h>
+
+#include <c10/util/Exception.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <set>
+#include <sstream>
+
+namespace accelerate::safetensors {
+namespace {
+
+// The format is little-endian; byte-swapping is not implemented, so refuse to build rather than
+// silently write files nobody else can read. (The compiler macro, not std::endian, keeps this
+// file C++17-clean for the clang fuzzer build.)
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "safetensors support assumes a little-endian host");
+
+using Json = nlohmann::ordered_json;
+
+constexpr const char* kMetadataKey = "__metadata__";
+// Nesting deeper than a valid header needs (object -> entry -> array) is refused while parsing,
+// so a hostile header cannot build a deeply nested document.
+constexpr int kMaxJsonDepth = 4;
+
+struct DtypeName {
+  const char* name;
+  at::ScalarType dtype;
+};
+constexpr DtypeName kDtypes[] = {
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
+    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
+    {"U8", at::kByte},    {"BOOL", at::kBool},
+};
+// Names the format defines for which LibTorch 1.13 has no dtype: a clearer error than "unknown".
+constexpr const char* kUnsupportedNames[] = {"U16",     "U32",     "U64",     "F8_E4M3", "F8_E5M2",
+                                             "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4",      "C64"};
+
+std::string errno_text() {
+  return std::strerror(errno);
+}
+
+uint64_t read_le_u64(const char* p) {
+  uint64_t value = 0;
+  std::memcpy(&value, p, sizeof(value));
+  return value;
+}
+
+std::string quoted(const std::string& s) {
+  return "'" + s + "'";
+}
+
+// Rejects duplicate keys (the JSON library would keep the last silently, so two entries could
+// alias one name) and excess nesting, both while the document is being built.
+Json parse_json(std::string_view text) {
+  std::vector<std::set<std::string>> keys;
+  auto callback = [&](int depth, Json::parse_event_t event, Json& parsed) {
+    TORCH_CHECK(depth <= kMaxJsonDepth, "safetensors header nests deeper than ", kMaxJsonDepth,
+                " levels");
+    if (event == Json::parse_event_t::object_start) {
+      keys.emplace_back();
+    } else if (event == Json::parse_event_t::object_end) {
+      keys.pop_back();
+    } else if (event == Json::parse_event_t::key && !keys.empty()) {
+      const auto& key = parsed.get_ref<const std::string&>();
+      TORCH_CHECK(keys.back().insert(key).second, "safetensors header has the duplicate key ",
+                  quoted(key));
+    }
+    return true;
+  };
+  try {
+    return Json::parse(text.begin(), text.end(), callback);
+  } catch (const Json::exception& e) {
+    TORCH_CHECK(false, "safetensors header is not valid JSON: ", e.what());
+  }
+}
+
+uint64_t as_unsigned(const Json& value, const std::string& what) {
+  TORCH_CHECK(value.is_number_integer(), what, " must be an integer, got ", value.dump());
+  TORCH_CHECK(value.is_number_unsigned(), what, " must not be negative, got ", value.dump());
+  return value.get<uint64_t>();
+}
+
+TensorInfo parse_entry(const std::string& name, const Json& entry, uint64_t data_size) {
+  const std::string where = "tensor " + quoted(name);
+  TORCH_CHECK(entry.is_object(), where, ": header entry must be an object, got ", entry.dump());
+  // Unknown fields are ignored, as the reference implementation does, so that files from future
+  // writers still load.
+  for (const char* field : {"dtype", "shape", "data_offsets"}) {
+    TORCH_CHECK(entry.contains(field), where, ": header entry lacks \"", field, "\"");
+  }
+  TensorInfo info;
+  info.name = name;
+
+  const Json& dtype = entry.at("dtype");
+  TORCH_CHECK(dtype.is_string(), where, ": \"dtype\" must be a string, got ", dtype.dump());
+  try {
+    info.dtype = dtype_from_name(dtype.get<std::string>());
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, where, ": ", e.what_without_backtrace());
+  }
+  const uint64_t item_size = c10::elementSize(info.dtype);
+
+  const Json& shape = entry.at("shape");
+  TORCH_CHECK(shape.is_array(), where, ": \"shape\" must be an array, got ", shape.dump());
+  uint64_t numel = 1;
+  for (const Json& dim : shape) {
+    const uint64_t size = as_unsigned(dim, where + ": shape entry");
+    TORCH_CHECK(size <= static_cast<uint64_t>(INT64_MAX), where, ": shape entry ", size,
+                " is too large");
+    info.shape.push_back(static_cast<int64_t>(size));
+    TORCH_CHECK(
+        !__builtin_mul_overflow(numel, size, &numel) && numel <= static_cast<uint64_t>(INT64_MAX),
+        where, ": shape ", shape.dump(), " has more elements than fit in 64 bits");
+  }
+  uint64_t nbytes = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(numel, item_size, &nbytes), where, ": shape ", shape.dump(),
+              " holds more bytes than fit in 64 bits");
+
+  const Json& offsets = entry.at("data_offsets");
+  TORCH_CHECK(offsets.is_array() && offsets.size() == 2, where,
+              ": \"data_offsets\" must be an array [begin, end], got ", offsets.dump());
+  info.begin = as_unsigned(offsets[0], where + ": data_offsets begin");
+  info.end = as_unsigned(offsets[1], where + ": data_offsets end");
+  TORCH_CHECK(info.begin <= info.end, where, ": data_offsets begin ", info.begin, " is after end ",
+              info.end);
+  TORCH_CHECK(info.end <= data_size, where, ": data_offsets end ", info.end,
+              " is past the end of the data buffer (", data_size, " bytes)");
+  TORCH_CHECK(info.end - info.begin == nbytes, where, ": data_offsets span ", info.end - info.begin,
+              " bytes but shape ", shape.dump(), " of ", dtype.dump(), " needs ", nbytes);
+  return info;
+}
+
+// The reference implementation requires the tensors to tile the data buffer exactly: no byte
+// shared by two tensors, none owned by no tensor.
+void check_coverage(const std::vector<TensorInfo>& tensors, uint64_t data_size) {
+  std::vector<const TensorInfo*> sorted;
+  sorted.reserve(tensors.size());
+  for (const auto& info : tensors) sorted.push_back(&info);
+  std::stable_sort(sorted.begin(), sorted.end(), [](const TensorInfo* a, const TensorInfo* b) {
+    return std::pair(a->begin, a->end) < std::pair(b->begin, b->end);
+  });
+  uint64_t expected = 0;
+  for (const TensorInfo* info : sorted) {
+    TORCH_CHECK(info->begin <= expected, "tensor ", quoted(info->name), " starts at ", info->begin,
+                " leaving a hole in the data buffer after byte ", expected);
+    TORCH_CHECK(info->begin == expected, "tensor ", quoted(info->name), " at [", info->begin, ", ",
+                info->end, ") overlaps the tensor before it, which ends at ", expected);
+    expected = info->end;
+  }
+  TORCH_CHECK(expected == data_size, "the data buffer has ", data_size - expected,
+              " bytes after the last tensor (ends at ", expected, ") that no tensor covers");
+}
+
+// Validates the header text given the size of the data buffer that follows it.
+Header parse_header_text(std::string_view text, uint64_t data_start, uint64_t data_size) {
+  // As the reference implementation: a header that does not start with '{' is refused before
+  // any JSON parsing, which also rejects leading whitespace tricks.
+  TORCH_CHECK(!text.empty() && text.front() == '{',
+              "safetensors header must start with '{' (is this a safetensors file?)");
+  const Json json = parse_json(text);
+  TORCH_CHECK(json.is_object(), "safetensors header must be a JSON object, got ", json.type_name());
+  Header header;
+  header.data_start = data_start;
+  header.data_size = data_size;
+  for (const auto& [key, value] : json.items()) {
+    if (key == kMetadataKey) {
+      TORCH_CHECK(value.is_object(), "\"__metadata__\" must be an object, got ", value.dump());
+      for (const auto& [meta_key, meta_value] : value.items()) {
+        TORCH_CHECK(meta_value.is_string(), "\"__metadata__\" value of ", quoted(meta_key),
+                    " must be a string, got ", meta_value.dump());
+        header.metadata.emplace(meta_key, meta_value.get<std::string>());
+      }
+      continue;
+    }
+    header.tensors.push_back(parse_entry(key, value, data_size));
+  }
+  check_coverage(header.tensors, data_size);
+  return header;
+}
+
+// Reads the length prefix and checks it against the file size.
+uint64_t header_length(std::string_view prefix, uint64_t file_size) {
+  TORCH_CHECK(file_size >= 8, "safetensors file is ", file_size,
+              " bytes, shorter than the 8-byte header length");
+  const uint64_t n = read_le_u64(prefix.data());
+  TORCH_CHECK(n <= kMaxHeaderSize, "safetensors header length ", n, " exceeds the limit of ",
+              kMaxHeaderSize, " bytes");
+  TORCH_CHECK(n <= file_size - 8, "safetensors header length ", n, " is larger than the ",
+              file_size - 8, " bytes after the length prefix");
+  return n;
+}
+
+// A bool byte other than 0 or 1 is undefined behaviour for LibTorch's kernels.
+void check_bools(const TensorInfo& info, const char* data) {
+  if (info.dtype != at::kBool) return;
+  for (uint64_t i = 0; i < info.nbytes(); ++i) {
+    const auto byte = static_cast<unsigned char>(data[i]);
+    TORCH_CHECK(byte <= 1, "tensor ", quoted(info.name), " of dtype BOOL holds the byte ",
+                static_cast<int>(byte), " at element ", i, "; only 0 and 1 are valid");
+  }
+}
+
+at::Tensor copy_tensor(const TensorInfo& info, const char* data) {
+  check_bools(info, data);
+  at::Tensor tensor = at::empty(info.shape, at::TensorOptions().dtype(info.dtype));
+  if (info.nbytes() > 0) std::memcpy(tensor.data_ptr(), data, info.nbytes());
+  return tensor;
+}
+
+class FileDescriptor {
+ public:
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+  // Closing can report a deferred write error, so the writer closes explicitly and checks.
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
+};
+
+// A private mapping: pages written through a tensor are copied, so the file never changes.
+struct Mapping {
+  void* address = MAP_FAILED;
+  size_t size = 0;
+  ~Mapping() {
+    if (address != MAP_FAILED) ::munmap(address, size);
+  }
+};
+
+struct Plan {
+  std::string header;            // length prefix, JSON and padding
+  std::vector<at::Tensor> data;  // contiguous CPU tensors in data-buffer order
+};
+
+Plan plan(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+          const std::map<std::string, std::string>& metadata) {
+  std::set<std::string> seen;
+  std::vector<at::Tensor> contiguous;
+  contiguous.reserve(tensors.size());
+  for (const auto& [name, tensor] : tensors) {
+    TORCH_CHECK(!name.empty(), "safetensors tensor names must not be empty");
+    TORCH_CHECK(name != kMetadataKey, "\"__metadata__\" is reserved and cannot name a tensor");
+    TORCH_CHECK(seen.insert(name).second, "duplicate tensor name ", quoted(name));
+    TORCH_CHECK(tensor.defined(), "tensor ", quoted(name), " is undefined");
+    TORCH_CHECK(tensor.layout() == at::kStrided && !tensor.is_quantized(), "tensor ", quoted(name),
+                " must be a dense tensor to be saved, got layout ", tensor.layout());
+    try {
+      dtype_name(tensor.scalar_type());
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "tensor ", quoted(name), ": ", e.what_without_backtrace());
+    }
+    contiguous.push_back(tensor.detach().to(at::kCPU).contiguous());
+  }
+
+  // Larger elements first keeps every tensor aligned for its dtype (sizes are powers of two and
+  // the buffer starts 8-aligned), which is what lets load_file avoid copies.
+  std::vector<size_t> order(tensors.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return contiguous[a].element_size() > contiguous[b].element_size();
+  });
+  std::vector<std::pair<uint64_t, uint64_t>> offsets(tensors.size());
+  Plan result;
+  uint64_t position = 0;
+  for (size_t i : order) {
+    const auto nbytes = static_cast<uint64_t>(contiguous[i].nbytes());
+    offsets[i] = {position, position + nbytes};
+    position += nbytes;
+    result.data.push_back(contiguous[i]);
+  }
+
+  Json json = Json::object();
+  if (!metadata.empty()) json[kMetadataKey] = metadata;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    json[tensors[i].first] = {{"dtype", dtype_name(contiguous[i].scalar_type())},
+                              {"shape", contiguous[i].sizes().vec()},
+                              {"data_offsets", {offsets[i].first, offsets[i].second}}};
+  }
+  std::string text;
+  try {
+    text = json.dump();
+  } catch (const Json::exception& e) {
+    TORCH_CHECK(false, "safetensors tensor names and metadata must be valid UTF-8: ", e.what());
+  }
+  // Spaces are what the reference writer pads with; JSON parsers skip them.
+  text.append((8 - (8 + text.size()) % 8) % 8, ' ');
+  const uint64_t length = text.size();
+  result.header.resize(8);
+  std::memcpy(result.header.data(), &length, 8);
+  result.header += text;
+  return result;
+}
+
+void write_all(int fd, const char* data, size_t size, const std::string& path) {
+  while (size > 0) {
+    const ssize_t written = ::write(fd, data, size);
+    if (written < 0 && errno == EINTR) continue;
+    TORCH_CHECK(written > 0, "cannot write ", quoted(path), ": ", errno_text());
+    data += written;
+    size -= static_cast<size_t>(written);
+  }
+}
+
+void read_exact(int fd, char* data, size_t size, uint64_t offset, const std::string& path) {
+  while (size > 0) {
+    const ssize_t got = ::pread(fd, data, size, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    TORCH_CHECK(got > 0, "cannot read ", quoted(path), ": ",
+                got == 0 ? std::string("unexpected end of file") : errno_text());
+    data += got;
+    size -= static_cast<size_t>(got);
+    offset += static_cast<uint64_t>(got);
+  }
+}
+
+uint64_t file_size_of(int fd, const std::string& path) {
+  struct stat info {};
+  TORCH_CHECK(::fstat(fd, &info) == 0, "cannot stat ", quoted(path), ": ", errno_text());
+  TORCH_CHECK(S_ISREG(info.st_mode), quoted(path), " is not a regular file");
+  return static_cast<uint64_t>(info.st_size);
+}
+
+}  // namespace
+
+namespace detail {
+std::vector<std::pair<std::string, at::Tensor>> items_of(
+    const torch::OrderedDict<std::string, at::Tensor>& dict) {
+  std::vector<std::pair<std::string, at::Tensor>> items;
+  items.reserve(dict.size());
+  for (const auto& item : dict) items.emplace_back(item.key(), item.value());
+  return items;
+}
+}  // namespace detail
+
+std::string dtype_name(at::ScalarType dtype) {
+  for (const auto& entry : kDtypes) {
+    if (entry.dtype == dtype) return entry.name;
+  }
+  TORCH_CHECK(false, "unsupported dtype ", dtype, " for safetensors; supported: F64 F32 F16 BF16 ",
+              "I64 I32 I16 I8 U8 BOOL");
+}
+
+at::ScalarType dtype_from_name(const std::string& name) {
+  for (const auto& entry : kDtypes) {
+    if (entry.name == name) return entry.dtype;
+  }
+  for (const char* unsupported : kUnsupportedNames) {
+    TORCH_CHECK(name != unsupported, "unsupported dtype \"", name,
+                "\": LibTorch 1.13 has no such dtype");
+  }
+  TORCH_CHECK(false, "unknown dtype \"", name, "\"");
+}
+
+at::Tensor SafetensorsFile::get(const std::string& name) const {
+  for (const auto& [key, tensor] : tensors) {
+    if (key == name) return tensor;
+  }
+  std::ostringstream available;
+  for (size_t i = 0; i < tensors.size() && i < 20; ++i) {
+    available << (i == 0 ? "" : ", ") << tensors[i].first;
+  }
+  if (tensors.size() > 20) available << ", ... (" << tensors.size() << " in all)";
+  TORCH_CHECK(false, "no tensor named ", quoted(name),
+              " in the safetensors file; it holds: ", available.str());
+}
+
+bool SafetensorsFile::contains(const std::string& name) const {
+  return std::any_of(tensors.begin(), tensors.end(),
+                     [&](const auto& item) { return item.first == name; });
+}
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> result;
+  result.reserve(tensors.size());
+  for (const auto& item : tensors) result.push_back(item.first);
+  return result;
+}
+
+std::string serialize(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  const Plan p = plan(tensors, metadata);
+  std::string bytes = p.header;
+  for (const auto& tensor : p.data) {
+    bytes.append(static_cast<const char*>(tensor.data_ptr()), tensor.nbytes());
+  }
+  return bytes;
+}
+
+void save_file(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+               const std::string& path, const std::map<std::string, std::string>& metadata) {
+  TORCH_CHECK(!path.empty(), "save_file needs a non-empty path");
+  const Plan p = plan(tensors, metadata);
+
+  // A name unique to this process and call, so that concurrent writers of the same path never
+  // share a temporary file.
+  static std::atomic<uint64_t> counter{0};
+  const std::string temp =
+      path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
+  FileDescriptor fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
+  TORCH_CHECK(fd.get() >= 0, "cannot create ", quoted(temp), ": ", errno_text());
+  try {
+    write_all(fd.get(), p.header.data(), p.header.size(), temp);
+    for (const auto& tensor : p.data) {
+      write_all(fd.get(), static_cast<const char*>(tensor.data_ptr()), tensor.nbytes(), temp);
+    }
+    TORCH_CHECK(::fsync(fd.get()) == 0, "cannot fsync ", quoted(temp), ": ", errno_text());
+    TORCH_CHECK(::close(fd.release()) == 0, "cannot close ", quoted(temp), ": ", errno_text());
+    TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "cannot rename ", quoted(temp), " to ",
+                quoted(path), ": ", errno_text());
+  } catch (...) {
+    ::unlink(temp.c_str());
+    throw;
+  }
+  // Without this the rename itself may not survive a power loss.
+  const auto slash = path.find_last_of('/');
+  const std::string dir =
+      slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  FileDescriptor dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  TORCH_CHECK(dir_fd.get() >= 0, "cannot open directory ", quoted(dir), ": ", errno_text());
+  TORCH_CHECK(::fsync(dir_fd.get()) == 0, "cannot fsync directory ", quoted(dir), ": ",
+              errno_text());
+}
+
+Header parse_header(std::string_view bytes) {
+  const uint64_t n = header_length(bytes, bytes.size());
+  return parse_header_text(bytes.substr(8, n), 8 + n, bytes.size() - 8 - n);
+}
+
+Header read_header(const std::string& path) {
+  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  TORCH_CHECK(fd.get() >= 0, "cannot open ", quoted(path), ": ", errno_text());
+  const uint64_t size = file_size_of(fd.get(), path);
+  char prefix[8] = {};
+  if (size >= 8) read_exact(fd.get(), prefix, 8, 0, path);
+  const uint64_t n = header_length(std::string_view(prefix, 8), size);
+  std::string text(n, '\0');
+  read_exact(fd.get(), text.data(), n, 8, path);
+  return parse_header_text(text, 8 + n, size - 8 - n);
+}
+
+SafetensorsFile deserialize(std::string_view bytes) {
+  const Header header = parse_header(bytes);
+  SafetensorsFile file;
+  file.metadata = header.metadata;
+  const char* data = bytes.data() + header.data_start;
+  for (const auto& info : header.tensors) {
+    file.tensors.emplace_back(info.name, copy_tensor(info, data + info.begin));
+  }
+  return file;
+}
+
+SafetensorsFile load_file(const std::string& path) {
+  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  TORCH_CHECK(fd.get() >= 0, "cannot open ", quoted(path), ": ", errno_text());
+  const uint64_t size = file_size_of(fd.get(), path);
+  TORCH_CHECK(size >= 8, "safetensors file ", quoted(path), " is ", size,
+              " bytes, shorter than the 8-byte header length");
+  auto mapping = std::make_shared<Mapping>();
+  mapping->size = static_cast<size_t>(size);
+  // PROT_WRITE with MAP_PRIVATE: in-place updates of loaded tensors (optimizer steps) must work,
+  // and they land in private copied pages, never in the file.
+  mapping->address =
+      ::mmap(nullptr, mapping->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.get(), 0);
+  TORCH_CHECK(mapping->address != MAP_FAILED, "cannot map ", quoted(path), ": ", errno_text());
+
+  const auto* base = static_cast<const char*>(mapping->address);
+  Header header;
+  try {
+    header = parse_header(std::string_view(base, mapping->size));
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, quoted(path), ": ", e.what_without_backtrace());
+  }
+  SafetensorsFile file;
+  file.metadata = std::move(header.metadata);
+  for (const auto& info : header.tensors) {
+    char* data = static_cast<char*>(mapping->address) + header.data_start + info.begin;
+    const auto item_size = c10::elementSize(info.dtype);
+    at::Tensor tensor;
+    if (reinterpret_cast<uintptr_t>(data) % item_size == 0 && info.nbytes() > 0) {
+      check_bools(info, data);
+      // The deleter owns a reference to the mapping, which outlives every tensor made from it.
+      tensor = at::from_blob(
+          data, info.shape, [mapping](void*) {}, at::TensorOptions().dtype(info.dtype));
+    } else {
+      tensor = copy_tensor(info, data);
+    }
+    file.tensors.emplace_back(info.name, std::move(tensor));
+  }
+  return file;
+}
+
+}  // namespace accelerate::safetensors

@@ -1,0 +1,214 @@
+#pragma once
+/// \file
+/// The safetensors file format (https://github.com/huggingface/safetensors): read and write
+/// files that Python's `safetensors.torch.save_file` / `load_file` exchange with us.
+///
+/// Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON (padded with spaces),
+/// then the data buffer. The JSON maps each tensor name to
+/// `{"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}` (offsets relative to the
+/// data buffer) and may hold `"__metadata__": {string: string}`.
+///
+/// Everything lives in `accelerate::safetensors`, mirroring the Python package's module.
+///
+/// Example:
+/// \code
+///   namespace st = accelerate::safetensors;
+///   st::save_file({{"weight", at::randn({4, 4})}, {"bias", at::zeros({4})}}, "model.safetensors",
+///                 {{"format", "pt"}});
+///   st::SafetensorsFile file = st::load_file("model.safetensors");
+///   at::Tensor weight = file.get("weight");
+///   st::Header header = st::read_header("model.safetensors");  // no tensor data is read
+/// \endcode
+
+#include <ATen/ATen.h>
+#include <c10/core/ScalarType.h>
+#include <torch/ordered_dict.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace accelerate::safetensors {
+
+/// Largest header accepted, as the reference implementation: a bound on what a hostile file can
+/// make us allocate before any validation.
+inline constexpr uint64_t kMaxHeaderSize = 100'000'000;
+
+/// The safetensors name of a dtype ("F32", "BF16", "BOOL", ...); an error for LibTorch dtypes
+/// the format cannot store (complex, quantized, ...).
+///
+/// Example:
+/// \code
+///   assert(accelerate::safetensors::dtype_name(at::kBFloat16) == "BF16");
+/// \endcode
+std::string dtype_name(at::ScalarType dtype);
+
+/// The LibTorch dtype of a safetensors name. Unknown names, and names the format defines but
+/// LibTorch 1.13 has no dtype for (U16, U32, U64, F8_*, ...), are errors.
+///
+/// Example:
+/// \code
+///   assert(accelerate::safetensors::dtype_from_name("F16") == at::kHalf);
+/// \endcode
+at::ScalarType dtype_from_name(const std::string& name);
+
+/// One header entry: where a tensor lives, without its data.
+///
+/// Example:
+/// \code
+///   for (const auto& info : accelerate::safetensors::read_header(path).tensors) {
+///     std::cout << info.name << " " << info.dtype << " " << info.nbytes() << "\n";
+///   }
+/// \endcode
+struct TensorInfo {
+  std::string name;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> shape;
+  /// [begin, end) relative to the start of the data buffer.
+  uint64_t begin = 0;
+  uint64_t end = 0;
+
+  uint64_t nbytes() const { return end - begin; }
+};
+
+/// A validated header: every entry checked against the data buffer's size.
+///
+/// Example:
+/// \code
+///   auto header = accelerate::safetensors::read_header("model-00001-of-00002.safetensors");
+///   for (const auto& info : header.tensors) index[info.name] = "model-00001-of-00002.safetensors";
+/// \endcode
+struct Header {
+  /// In the order the JSON lists them.
+  std::vector<TensorInfo> tensors;
+  std::map<std::string, std::string> metadata;
+  /// Offset of the data buffer from the start of the file (8 + header length).
+  uint64_t data_start = 0;
+  /// Bytes in the data buffer.
+  uint64_t data_size = 0;
+};
+
+/// Loaded tensors, in header order, and the file's metadata.
+///
+/// Tensors from `load_file` whose offset is aligned for their dtype share a private
+/// copy-on-write mapping of the file (no copy is made); writing to them never reaches the file.
+/// The mapping stays alive as long as any such tensor does. Others are copies.
+///
+/// Example:
+/// \code
+///   auto file = accelerate::safetensors::load_file("model.safetensors");
+///   model->weight.copy_(file.get("weight"));
+///   std::string format = file.metadata.at("format");
+/// \endcode
+struct SafetensorsFile {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::map<std::string, std::string> metadata;
+
+  /// The tensor called `name`; an error naming the available tensors if there is none.
+  at::Tensor get(const std::string& name) const;
+  bool contains(const std::string& name) const;
+  std::vector<std::string> names() const;
+};
+
+/// The bytes of a safetensors file holding `tensors` and `metadata`.
+///
+/// Names must be non-empty, unique, valid UTF-8 and not "__metadata__". Tensors may live on any
+/// device and have any strides: they are written as contiguous little-endian CPU data. Tensors
+/// that share storage are written as separate entries (deduplicating tied weights belongs to
+/// the checkpointing layer).
+///
+/// Output is deterministic: the header lists the tensors in the caller's order (so a round trip
+/// preserves it); the data buffer stores them by decreasing element size, stable in the caller's
+/// order, so that every tensor is aligned for its dtype and loads without a copy.
+///
+/// Example:
+/// \code
+///   std::string bytes = accelerate::safetensors::serialize({{"x", at::ones({2})}});
+/// \endcode
+std::string serialize(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+/// Writes `serialize(tensors, metadata)` to `path` atomically: into a unique temporary file
+/// beside `path`, fsync'd, renamed over `path`, then the directory fsync'd. A crash leaves
+/// either the old file or the new one, never a torn one.
+///
+/// Example:
+/// \code
+///   accelerate::safetensors::save_file({{"step", at::tensor(int64_t{10})}}, "state.safetensors");
+/// \endcode
+void save_file(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+               const std::string& path, const std::map<std::string, std::string>& metadata = {});
+
+namespace detail {
+std::vector<std::pair<std::string, at::Tensor>> items_of(
+    const torch::OrderedDict<std::string, at::Tensor>& dict);
+}  // namespace detail
+
+// The OrderedDict overloads are templates only so that a braced list such as
+// `save_file({{"w", w}}, path)` stays unambiguous: OrderedDict also has an initializer-list
+// constructor, and a template parameter cannot be deduced from a braced list. enable_if rather
+// than a requires-clause keeps this header C++17-clean, which the clang fuzzer build needs
+// (clang 14 rejects LibTorch 1.13's headers in C++20 mode).
+using OrderedTensors = torch::OrderedDict<std::string, at::Tensor>;
+
+/// `serialize` of a module's `named_parameters()` / `named_buffers()`, in their order.
+///
+/// Example:
+/// \code
+///   std::string bytes = accelerate::safetensors::serialize(model->named_parameters());
+/// \endcode
+template <class Dict, std::enable_if_t<std::is_same_v<Dict, OrderedTensors>, int> = 0>
+std::string serialize(const Dict& tensors,
+                      const std::map<std::string, std::string>& metadata = {}) {
+  return serialize(detail::items_of(tensors), metadata);
+}
+
+/// `save_file` of a module's `named_parameters()` / `named_buffers()`, in their order.
+///
+/// Example:
+/// \code
+///   accelerate::safetensors::save_file(model->named_parameters(), "model.safetensors");
+/// \endcode
+template <class Dict, std::enable_if_t<std::is_same_v<Dict, OrderedTensors>, int> = 0>
+void save_file(const Dict& tensors, const std::string& path,
+               const std::map<std::string, std::string>& metadata = {}) {
+  save_file(detail::items_of(tensors), path, metadata);
+}
+
+/// Parses and validates the bytes of a whole file; every tensor is a fresh copy.
+///
+/// Example:
+/// \code
+///   auto file = accelerate::safetensors::deserialize(bytes);
+/// \endcode
+SafetensorsFile deserialize(std::string_view bytes);
+
+/// Maps `path` and loads every tensor (see SafetensorsFile for sharing and copying).
+///
+/// Example:
+/// \code
+///   auto file = accelerate::safetensors::load_file("model.safetensors");
+/// \endcode
+SafetensorsFile load_file(const std::string& path);
+
+/// The validated header of a whole file's bytes.
+///
+/// Example:
+/// \code
+///   auto header = accelerate::safetensors::parse_header(bytes);
+/// \endcode
+Header parse_header(std::string_view bytes);
+
+/// The validated header of the file at `path`, reading only the header bytes.
+///
+/// Example:
+/// \code
+///   auto header = accelerate::safetensors::read_header("model.safetensors");
+/// \endcode
+Header read_header(const std::string& path);
+
+}  // namespace accelerate::safetensors
