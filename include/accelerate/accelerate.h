@@ -12,10 +12,12 @@
 /// \endcode
 
 #include <accelerate/accelerator.h>
+#include <accelerate/checkpointing.h>
 #include <accelerate/compat.h>
 #include <accelerate/data.h>
 #include <accelerate/environment.h>
 #include <accelerate/operations.h>
 #include <accelerate/random.h>
+#include <accelerate/safetensors.h>
 #include <accelerate/state.h>
 #include <accelerate/tree.h>

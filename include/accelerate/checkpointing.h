@@ -1,0 +1,89 @@
+#pragma once
+/// \file
+/// Saving and loading model weights with Hugging Face's file names and layout (Accelerate's
+/// `save_model`, `shard_checkpoint`, `load_checkpoint_in_model`), on top of safetensors.h.
+///
+/// One file (`model.safetensors`) when the weights fit in `max_shard_size`, otherwise shards
+/// `model-00001-of-0000N.safetensors` and an index `model.safetensors.index.json`
+/// (`{"metadata": {"total_size": bytes}, "weight_map": {name: shard}}`). Names are LibTorch's
+/// `named_parameters()` / `named_buffers()` names, which are PyTorch's state_dict names for the
+/// same architecture, so the files load in Python's transformers/accelerate and back.
+///
+/// Example:
+/// \code
+///   accelerate::save_model(*model, "out", {.max_shard_size = "200MB"});
+///   auto report = accelerate::load_checkpoint_in_model(*model, "out");
+///   for (const auto& name : report.missing_keys) std::cout << "not in the checkpoint: " << name;
+/// \endcode
+
+#include <torch/nn/module.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace accelerate {
+
+/// Hugging Face's file names.
+inline constexpr const char* kSafeWeightsName = "model.safetensors";
+inline constexpr const char* kSafeWeightsIndexName = "model.safetensors.index.json";
+
+/// Parses a shard size: a byte count ("1000"), or a number with KB/MB/GB/TB (powers of 1000) or
+/// KiB/MiB/GiB/TiB (powers of 1024), as Hugging Face's `convert_file_size_to_int`. Errors name
+/// the text.
+int64_t parse_file_size(const std::string& text);
+
+/// Options for save_model.
+struct SaveModelOptions {
+  /// Largest shard ("10GB" by default, as in Accelerate).
+  std::string max_shard_size = "10GB";
+  /// Only safetensors is written: LibTorch cannot write Python pickles, so false is an error.
+  bool safe_serialization = true;
+};
+
+/// A planned split of named tensors into shards (Hugging Face's `shard_checkpoint`): tensors in
+/// order, a new shard whenever the next tensor would push the current one past max bytes (a
+/// tensor larger than the limit gets a shard of its own).
+struct ShardPlan {
+  /// File name of each shard and the names of the tensors it holds.
+  std::vector<std::pair<std::string, std::vector<std::string>>> shards;
+  int64_t total_size = 0;
+};
+ShardPlan shard_checkpoint(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                           int64_t max_shard_size);
+
+/// The model's parameters and buffers by name, with tensors that share storage (tied weights)
+/// kept once under their first name.
+std::vector<std::pair<std::string, at::Tensor>> model_state(const torch::nn::Module& model);
+
+/// Writes the model's weights into `directory` (created if needed); returns the files written.
+/// Stale shards of an earlier save with another shard count are removed after the new files
+/// are in place. Every file is written atomically.
+std::vector<std::string> save_model(const torch::nn::Module& model, const std::string& directory,
+                                    const SaveModelOptions& options = {});
+
+/// Options for load_checkpoint_in_model.
+struct LoadCheckpointOptions {
+  /// Convert floating-point weights to this dtype (default: the parameter's own).
+  std::optional<at::ScalarType> dtype;
+  /// Missing or unexpected keys are errors instead of being reported.
+  bool strict = false;
+};
+
+/// What loading found.
+struct LoadReport {
+  /// In the model, not in the checkpoint (tied copies of a loaded tensor do not count).
+  std::vector<std::string> missing_keys;
+  /// In the checkpoint, not in the model.
+  std::vector<std::string> unexpected_keys;
+};
+
+/// Loads weights into `model` in place from a safetensors file, a directory holding
+/// model.safetensors, or a sharded index (file or directory). A shape mismatch is an error
+/// naming the tensor and both shapes.
+LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string& path,
+                                    const LoadCheckpointOptions& options = {});
+
+}  // namespace accelerate

@@ -1,0 +1,268 @@
+#include "accelerate/checkpointing.h"
+
+#include "accelerate/safetensors.h"
+
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+namespace accelerate {
+
+namespace fs = std::filesystem;
+
+int64_t parse_file_size(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) {
+    ++i;
+  }
+  TORCH_CHECK(i > 0, "accelerate: cannot read the file size \"", text,
+              "\" (expected a number with an optional unit: KB, MB, GB, TB, KiB, MiB, GiB, TiB)");
+  double number = 0;
+  try {
+    number = std::stod(text.substr(0, i));
+  } catch (const std::exception&) {
+    TORCH_CHECK(false, "accelerate: cannot read the file size \"", text, "\"");
+  }
+  std::string unit = text.substr(i);
+  unit.erase(std::remove(unit.begin(), unit.end(), ' '), unit.end());
+  static const std::map<std::string, double> kUnits = {{"", 1.0},
+                                                       {"B", 1.0},
+                                                       {"KB", 1e3},
+                                                       {"MB", 1e6},
+                                                       {"GB", 1e9},
+                                                       {"TB", 1e12},
+                                                       {"KIB", 1024.0},
+                                                       {"MIB", 1048576.0},
+                                                       {"GIB", 1073741824.0},
+                                                       {"TIB", 1099511627776.0}};
+  std::string upper = unit;
+  for (auto& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  auto it = kUnits.find(upper);
+  TORCH_CHECK(it != kUnits.end(), "accelerate: unknown unit \"", unit, "\" in the file size \"",
+              text, "\" (use KB, MB, GB, TB, KiB, MiB, GiB or TiB)");
+  const double bytes = number * it->second;
+  TORCH_CHECK(bytes >= 1 && bytes < 9.2e18, "accelerate: the file size \"", text,
+              "\" must be at least 1 byte");
+  return static_cast<int64_t>(bytes);
+}
+
+ShardPlan shard_checkpoint(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                           int64_t max_shard_size) {
+  TORCH_CHECK(max_shard_size > 0, "accelerate: max_shard_size must be positive, got ",
+              max_shard_size);
+  std::vector<std::vector<std::string>> groups;
+  int64_t current = 0;
+  ShardPlan plan;
+  for (const auto& [name, t] : tensors) {
+    const int64_t bytes = static_cast<int64_t>(t.numel()) * static_cast<int64_t>(t.element_size());
+    if (groups.empty() || (current + bytes > max_shard_size && current > 0)) {
+      groups.emplace_back();
+      current = 0;
+    }
+    groups.back().push_back(name);
+    current += bytes;
+    plan.total_size += bytes;
+  }
+  if (groups.size() <= 1) {
+    plan.shards.emplace_back(kSafeWeightsName,
+                             groups.empty() ? std::vector<std::string>{} : groups.front());
+    return plan;
+  }
+  const size_t n = groups.size();
+  for (size_t k = 0; k < n; ++k) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", k + 1, n);
+    plan.shards.emplace_back(name, std::move(groups[k]));
+  }
+  return plan;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> model_state(const torch::nn::Module& model) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  // Tied weights share storage: keep the first name, as Hugging Face's savers do; loading
+  // fills the tie through the model, which shares the tensor already.
+  std::set<std::tuple<const void*, std::vector<int64_t>, std::vector<int64_t>, int>> seen;
+  auto add = [&](const std::string& name, const at::Tensor& t) {
+    if (!t.defined()) return;
+    auto key = std::make_tuple(static_cast<const void*>(t.data_ptr()), t.sizes().vec(),
+                               t.strides().vec(), static_cast<int>(t.scalar_type()));
+    if (t.numel() > 0 && !seen.insert(key).second) return;
+    out.emplace_back(name, t.detach());
+  };
+  for (const auto& item : model.named_parameters()) add(item.key(), item.value());
+  for (const auto& item : model.named_buffers()) add(item.key(), item.value());
+  return out;
+}
+
+namespace {
+
+void write_text_atomically(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    TORCH_CHECK(out, "accelerate: cannot write ", tmp.string());
+    out << text;
+    out.flush();
+    TORCH_CHECK(out, "accelerate: writing ", tmp.string(), " failed");
+  }
+  fs::rename(tmp, path);
+}
+
+bool is_our_weight_file(const std::string& name) {
+  return name == kSafeWeightsName || name == kSafeWeightsIndexName ||
+         (name.rfind("model-", 0) == 0 && name.size() > 12 &&
+          name.substr(name.size() - 12) == ".safetensors" &&
+          name.find("-of-") != std::string::npos);
+}
+
+}  // namespace
+
+std::vector<std::string> save_model(const torch::nn::Module& model, const std::string& directory,
+                                    const SaveModelOptions& options) {
+  TORCH_CHECK(options.safe_serialization,
+              "accelerate: save_model writes safetensors only (safe_serialization=false would "
+              "need Python's pickle format, which LibTorch cannot write)");
+  const int64_t limit = parse_file_size(options.max_shard_size);
+  fs::create_directories(directory);
+  const auto tensors = model_state(model);
+  const auto plan = shard_checkpoint(tensors, limit);
+  std::map<std::string, at::Tensor> by_name(tensors.begin(), tensors.end());
+  const std::map<std::string, std::string> metadata{{"format", "pt"}};
+
+  std::vector<std::string> written;
+  nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+  for (const auto& [file, names] : plan.shards) {
+    std::vector<std::pair<std::string, at::Tensor>> part;
+    for (const auto& name : names) {
+      part.emplace_back(name, by_name.at(name));
+      weight_map[name] = file;
+    }
+    const auto path = (fs::path(directory) / file).string();
+    safetensors::save_file(part, path, metadata);
+    written.push_back(path);
+  }
+  if (plan.shards.size() > 1) {
+    nlohmann::ordered_json index;
+    index["metadata"] = {{"total_size", plan.total_size}};
+    index["weight_map"] = weight_map;
+    const auto path = fs::path(directory) / kSafeWeightsIndexName;
+    write_text_atomically(path, index.dump(2) + "\n");
+    written.push_back(path.string());
+  }
+  // Files of an earlier save that this one does not use would confuse a loader.
+  std::set<std::string> keep;
+  for (const auto& p : written) keep.insert(fs::path(p).filename().string());
+  for (const auto& entry : fs::directory_iterator(directory)) {
+    const auto name = entry.path().filename().string();
+    if (entry.is_regular_file() && is_our_weight_file(name) && !keep.count(name)) {
+      fs::remove(entry.path());
+    }
+  }
+  return written;
+}
+
+LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string& path,
+                                    const LoadCheckpointOptions& options) {
+  // Which files: one safetensors file, or the shards an index names.
+  std::vector<fs::path> files;
+  fs::path index_path;
+  const fs::path p(path);
+  TORCH_CHECK(fs::exists(p), "accelerate: no checkpoint at ", path);
+  if (fs::is_directory(p)) {
+    if (fs::exists(p / kSafeWeightsIndexName)) {
+      index_path = p / kSafeWeightsIndexName;
+    } else {
+      TORCH_CHECK(fs::exists(p / kSafeWeightsName), "accelerate: ", path, " holds neither ",
+                  kSafeWeightsName, " nor ", kSafeWeightsIndexName);
+      files.push_back(p / kSafeWeightsName);
+    }
+  } else if (p.extension() == ".json") {
+    index_path = p;
+  } else {
+    files.push_back(p);
+  }
+  if (!index_path.empty()) {
+    std::ifstream in(index_path);
+    TORCH_CHECK(in, "accelerate: cannot read ", index_path.string());
+    nlohmann::json index;
+    try {
+      in >> index;
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "accelerate: ", index_path.string(), " is not valid JSON: ", e.what());
+    }
+    TORCH_CHECK(
+        index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(),
+        "accelerate: ", index_path.string(), " has no \"weight_map\" object");
+    std::set<std::string> shard_names;
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      TORCH_CHECK(file.is_string(), "accelerate: ", index_path.string(), ": the shard of '", name,
+                  "' is not a string");
+      const auto f = file.get<std::string>();
+      TORCH_CHECK(f.find('/') == std::string::npos && f != ".." && !f.empty(),
+                  "accelerate: ", index_path.string(), " names a shard outside its directory: ", f);
+      if (shard_names.insert(f).second) files.push_back(index_path.parent_path() / f);
+    }
+  }
+
+  std::map<std::string, at::Tensor> targets;
+  for (const auto& item : model.named_parameters()) targets.emplace(item.key(), item.value());
+  for (const auto& item : model.named_buffers()) targets.emplace(item.key(), item.value());
+
+  LoadReport report;
+  std::set<std::string> loaded;
+  torch::NoGradGuard no_grad;
+  for (const auto& file : files) {
+    const auto shard = safetensors::load_file(file.string());
+    for (const auto& [name, value] : shard.tensors) {
+      auto it = targets.find(name);
+      if (it == targets.end()) {
+        report.unexpected_keys.push_back(name);
+        continue;
+      }
+      at::Tensor target = it->second;
+      TORCH_CHECK(target.sizes() == value.sizes(), "accelerate: '", name, "' has shape ",
+                  value.sizes(), " in ", file.string(), " but ", target.sizes(), " in the model");
+      if (options.dtype && at::isFloatingType(target.scalar_type())) {
+        target.set_data(target.to(*options.dtype));
+      }
+      target.copy_(value);
+      loaded.insert(name);
+    }
+  }
+  // A tied tensor absent from the file is filled through the tensor it shares storage with.
+  std::set<const void*> filled;
+  for (const auto& name : loaded) {
+    const auto& t = targets.at(name);
+    if (t.numel() > 0) filled.insert(t.data_ptr());
+  }
+  for (const auto& [name, t] : targets) {
+    if (loaded.count(name)) continue;
+    if (t.numel() > 0 && filled.count(t.data_ptr())) continue;
+    report.missing_keys.push_back(name);
+  }
+  if (options.strict) {
+    auto join = [](const std::vector<std::string>& v) {
+      std::string out;
+      for (const auto& s : v) {
+        if (!out.empty()) out += ", ";
+        out += s;
+      }
+      return out;
+    };
+    TORCH_CHECK(report.missing_keys.empty() && report.unexpected_keys.empty(),
+                "accelerate: the checkpoint at ", path, " does not match the model; missing: [",
+                join(report.missing_keys), "], unexpected: [", join(report.unexpected_keys), "]");
+  }
+  return report;
+}
+
+}  // namespace accelerate
