@@ -105,18 +105,6 @@ std::vector<std::pair<std::string, at::Tensor>> model_state(const torch::nn::Mod
 
 namespace {
 
-void write_text_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(out, "accelerate: cannot write ", tmp.string());
-    out << text;
-    out.flush();
-    TORCH_CHECK(out, "accelerate: writing ", tmp.string(), " failed");
-  }
-  fs::rename(tmp, path);
-}
-
 bool is_our_weight_file(const std::string& name) {
   return name == kSafeWeightsName || name == kSafeWeightsIndexName ||
          (name.rfind("model-", 0) == 0 && name.size() > 12 &&
@@ -155,7 +143,8 @@ std::vector<std::string> save_model(const torch::nn::Module& model, const std::s
     index["metadata"] = {{"total_size", plan.total_size}};
     index["weight_map"] = weight_map;
     const auto path = fs::path(directory) / kSafeWeightsIndexName;
-    write_text_atomically(path, index.dump(2) + "\n");
+    const std::string text = index.dump(2) + "\n";
+    safetensors::detail::write_file_atomically(path.string(), {{text.data(), text.size()}});
     written.push_back(path.string());
   }
   // Files of an earlier save that this one does not use would confuse a loader.

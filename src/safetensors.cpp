@@ -405,7 +405,16 @@ void save_file(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                const std::string& path, const std::map<std::string, std::string>& metadata) {
   TORCH_CHECK(!path.empty(), "save_file needs a non-empty path");
   const Plan p = plan(tensors, metadata);
+  std::vector<std::pair<const char*, size_t>> pieces{{p.header.data(), p.header.size()}};
+  for (const auto& tensor : p.data) {
+    pieces.emplace_back(static_cast<const char*>(tensor.data_ptr()), tensor.nbytes());
+  }
+  detail::write_file_atomically(path, pieces);
+}
 
+void detail::write_file_atomically(const std::string& path,
+                                   const std::vector<std::pair<const char*, size_t>>& pieces) {
+  TORCH_CHECK(!path.empty(), "write_file_atomically needs a non-empty path");
   // A name unique to this process and call, so that concurrent writers of the same path never
   // share a temporary file.
   static std::atomic<uint64_t> counter{0};
@@ -414,10 +423,7 @@ void save_file(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
   FileDescriptor fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
   TORCH_CHECK(fd.get() >= 0, "cannot create ", quoted(temp), ": ", errno_text());
   try {
-    write_all(fd.get(), p.header.data(), p.header.size(), temp);
-    for (const auto& tensor : p.data) {
-      write_all(fd.get(), static_cast<const char*>(tensor.data_ptr()), tensor.nbytes(), temp);
-    }
+    for (const auto& [data, size] : pieces) write_all(fd.get(), data, size, temp);
     TORCH_CHECK(::fsync(fd.get()) == 0, "cannot fsync ", quoted(temp), ": ", errno_text());
     TORCH_CHECK(::close(fd.release()) == 0, "cannot close ", quoted(temp), ": ", errno_text());
     TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "cannot rename ", quoted(temp), " to ",

@@ -146,6 +146,12 @@ void save_file(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
 namespace detail {
 std::vector<std::pair<std::string, at::Tensor>> items_of(
     const torch::OrderedDict<std::string, at::Tensor>& dict);
+
+/// Writes the concatenated `pieces` to `path` atomically: a unique temporary file beside it,
+/// fsync, rename, and an fsync of the directory so that the rename survives a power loss.
+/// Shared by every file the checkpointing code writes.
+void write_file_atomically(const std::string& path,
+                           const std::vector<std::pair<const char*, size_t>>& pieces);
 }  // namespace detail
 
 // The OrderedDict overloads are templates only so that a braced list such as

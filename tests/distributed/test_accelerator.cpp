@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/functional.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
@@ -211,6 +212,32 @@ TEST(AcceleratorDistributed, TriggerSyncInBackwardOverridesNoSyncAndEvaluationMo
   // Evaluation-mode models get no synchroniser: their gradients are each rank's own.
   EXPECT_TRUE(at::allclose(evaluated[0][0], unsynced[0][0]));
   EXPECT_TRUE(at::allclose(evaluated[1][0], unsynced[1][0]));
+}
+
+// DDP broadcasts buffers from process 0 before each forward; here the optimizer step is where
+// processes agree again, so batch-norm statistics computed on different data become rank 0's.
+TEST(AcceleratorDistributed, OptimizerStepGivesEveryProcessTheBuffersOfProcessZero) {
+  std::vector<at::Tensor> mean_before(2), mean_after(2);
+  run_ranks(2, [&](PartialState& s) {
+    const auto r = static_cast<size_t>(s.process_index());
+    Accelerator acc(
+        {.state = s.shared_from_this(), .gradient_state = std::make_shared<data::GradientState>()});
+    torch::nn::Sequential model = [] {
+      std::lock_guard<std::mutex> lock(seed_mutex);
+      torch::manual_seed(3);
+      return torch::nn::Sequential(torch::nn::Linear(4, 4), torch::nn::BatchNorm1d(4));
+    }();
+    torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(0.1));
+    auto [m, opt] = acc.prepare(model, sgd);
+    auto x = at::full({3, 4}, static_cast<double>(r)) + at::arange(12, at::kFloat).view({3, 4});
+    acc.backward(m->forward(x).pow(2).sum());
+    mean_before[r] = m[1]->as<torch::nn::BatchNorm1d>()->running_mean.clone();
+    opt.step();
+    mean_after[r] = m[1]->as<torch::nn::BatchNorm1d>()->running_mean.clone();
+  });
+  EXPECT_FALSE(at::allclose(mean_before[0], mean_before[1]));
+  EXPECT_TRUE(at::equal(mean_after[0], mean_before[0]));
+  EXPECT_TRUE(at::equal(mean_after[1], mean_before[0]));
 }
 
 TEST(AcceleratorDistributed, SchedulerStepsOncePerProcessUnlessSplitBatches) {
