@@ -3,6 +3,7 @@
 #include <torch/cuda.h>
 #include <torch/nn/utils/clip_grad.h>
 
+#include <algorithm>
 #include <sstream>
 
 namespace accelerate {
@@ -328,6 +329,11 @@ AcceleratedOptimizer Accelerator::prepare_optimizer(
 }
 
 AcceleratedScheduler Accelerator::prepare_scheduler(std::shared_ptr<LRScheduler> scheduler) {
+  TORCH_CHECK(scheduler, "accelerate: prepare_scheduler was given a null scheduler");
+  if (std::find(core_->schedulers.begin(), core_->schedulers.end(), scheduler) ==
+      core_->schedulers.end()) {
+    core_->schedulers.push_back(scheduler);
+  }
   return AcceleratedScheduler(std::move(scheduler), core_);
 }
 
@@ -414,6 +420,8 @@ void Accelerator::free_memory() {
   core_->synchronizers.clear();
   core_->models.clear();
   core_->optimizers.clear();
+  core_->schedulers.clear();
+  core_->loaders.clear();
   core_->step = 0;
   core_->gradient_state->set_sync_gradients(true);
 }

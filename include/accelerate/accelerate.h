@@ -12,11 +12,13 @@
 /// \endcode
 
 #include <accelerate/accelerator.h>
+#include <accelerate/checkpoint_state.h>
 #include <accelerate/checkpointing.h>
 #include <accelerate/compat.h>
 #include <accelerate/data.h>
 #include <accelerate/environment.h>
 #include <accelerate/operations.h>
+#include <accelerate/optimizer_state.h>
 #include <accelerate/random.h>
 #include <accelerate/safetensors.h>
 #include <accelerate/state.h>

@@ -20,6 +20,8 @@
 /// synchronisation (ddp.h), mixed precision (amp.h) and schedulers (scheduler.h) do the work.
 
 #include <accelerate/amp.h>
+#include <accelerate/checkpoint_state.h>
+#include <accelerate/checkpointing.h>
 #include <accelerate/data.h>
 #include <accelerate/ddp.h>
 #include <accelerate/environment.h>
@@ -32,8 +34,10 @@
 #include <torch/nn/pimpl.h>
 #include <torch/optim/optimizer.h>
 #include <torch/ordered_dict.h>
+#include <torch/serialize.h>
 
 #include <concepts>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -66,12 +70,26 @@ struct GradientAccumulationPlugin {
 };
 
 /// Accelerate's `ProjectConfiguration`: where checkpoints and logs go.
+///
+/// Example:
+/// \code
+///   accelerate::Accelerator acc({.project_config = {.project_dir = "runs/a",
+///                                                   .automatic_checkpoint_naming = true,
+///                                                   .total_limit = 3}});
+///   acc.save_state();  // runs/a/checkpoints/checkpoint_0, then checkpoint_1, ...
+/// \endcode
 struct ProjectConfiguration {
   std::string project_dir;
+  /// Trackers' files (default: project_dir).
   std::string logging_dir;
+  /// save_state() without a directory writes `<project_dir>/checkpoints/checkpoint_<iteration>`
+  /// and load_state() without one reads the latest complete checkpoint there.
   bool automatic_checkpoint_naming = false;
+  /// Keep at most this many automatically named checkpoints (the oldest go, after a save).
   std::optional<int64_t> total_limit;
+  /// The number of the next automatically named checkpoint.
   int64_t iteration = 0;
+  /// Every machine's local main process writes (for machines without a shared file system).
   bool save_on_each_node = false;
 };
 
@@ -150,6 +168,18 @@ AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options,
 
 class Accelerator;
 
+/// Tensors by name, in order.
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+/// Called by save_state before anything is written (Accelerate's save-state pre-hook):
+/// `weights[i]` is what will be saved for `models[i]`; erase entries from both to save a model
+/// yourself, or change the tensors. Every process calls it.
+using SaveStatePreHook =
+    std::function<void(std::vector<std::shared_ptr<torch::nn::Module>>& models,
+                       std::vector<NamedTensors>& weights, const std::string& output_dir)>;
+/// Called by load_state before anything is loaded: erase models to load them yourself.
+using LoadStatePreHook = std::function<void(std::vector<std::shared_ptr<torch::nn::Module>>& models,
+                                            const std::string& input_dir)>;
+
 namespace detail {
 
 template <class T>
@@ -165,6 +195,18 @@ struct OptimizerSlot {
   bool unscaled = false;  // this step's gradients are already unscaled
 };
 
+/// A prepared data loader's position, with its batch type erased.
+struct LoaderSlot {
+  std::function<data::LoaderPosition()> position;
+  std::function<void(const data::LoaderPosition&)> set_position;
+};
+
+struct CheckpointHooks {
+  int next_id = 0;
+  std::map<int, SaveStatePreHook> save;
+  std::map<int, LoadStatePreHook> load;
+};
+
 struct AcceleratorCore {
   AcceleratorConfig config;
   std::shared_ptr<PartialState> state;
@@ -174,6 +216,10 @@ struct AcceleratorCore {
   std::vector<std::shared_ptr<torch::nn::Module>> models;
   std::map<const torch::nn::Module*, std::shared_ptr<GradientSynchronizer>> synchronizers;
   std::vector<std::shared_ptr<OptimizerSlot>> optimizers;
+  std::vector<std::shared_ptr<LRScheduler>> schedulers;
+  std::vector<LoaderSlot> loaders;
+  std::vector<std::shared_ptr<Checkpointable>> custom_objects;
+  std::shared_ptr<CheckpointHooks> hooks = std::make_shared<CheckpointHooks>();
 
   GradientSynchronizer* synchronizer(const torch::nn::Module* module) const;
   void unscale(OptimizerSlot& slot);
@@ -322,9 +368,16 @@ class Accelerator {
   AcceleratedOptimizer prepare_optimizer(torch::optim::Optimizer& optimizer);
   AcceleratedOptimizer prepare_optimizer(std::shared_ptr<torch::optim::Optimizer> optimizer);
   AcceleratedScheduler prepare_scheduler(std::shared_ptr<LRScheduler> scheduler);
+  /// Shards the loader (data.h) and remembers it, so that save_state / load_state keep its
+  /// position.
   template <class Batch>
   data::DataLoader<Batch> prepare_data_loader(const data::DataLoader<Batch>& loader) {
-    return data::prepare_data_loader(loader, data_loader_options());
+    auto prepared = data::prepare_data_loader(loader, data_loader_options());
+    // Copies of a loader share its state, so these copies follow the one returned.
+    core_->loaders.push_back(
+        {[prepared] { return prepared.position(); },
+         [prepared](const data::LoaderPosition& p) mutable { prepared.set_position(p); }});
+    return prepared;
   }
   template <class Batch>
   data::DataLoader<Batch> skip_first_batches(const data::DataLoader<Batch>& loader,
@@ -418,8 +471,9 @@ class Accelerator {
   }
   /// Parameters and buffers by name, detached copies on the CPU.
   torch::OrderedDict<std::string, at::Tensor> get_state_dict(const torch::nn::Module& model) const;
-  /// Drops every reference to prepared objects (and their gradient hooks) and resets the
-  /// accumulation counter.
+  /// Drops every reference to prepared objects (models, optimizers, schedulers, data loaders,
+  /// and the models' gradient hooks) and resets the accumulation counter. Registered
+  /// checkpointing objects and hooks stay.
   void free_memory();
   void clear() { free_memory(); }
   /// Accelerate's join_uneven_inputs wraps DDP's Join, which LibTorch lacks. With
@@ -428,6 +482,74 @@ class Accelerator {
   SyncGuard join_uneven_inputs() const { return {}; }
   /// Big-model device maps do not exist in C++: always false.
   bool verify_device_map(const torch::nn::Module&) const { return false; }
+
+  // ------------------------------------------------------------------ checkpointing
+
+  /// Saves everything needed to resume (Accelerate's `save_state`): the prepared models,
+  /// optimizers (full state), schedulers, the fp16 scaler, every process's generator states and
+  /// data loader positions, the step counter, and the registered objects. See
+  /// checkpoint_state.h for the layout and the crash safety. All processes must call it.
+  ///
+  /// With project_config.automatic_checkpoint_naming the directory is
+  /// `<project_dir>/checkpoints/checkpoint_<save_iteration()>` (give no directory then), the
+  /// iteration advances after each save, and once the new checkpoint is complete the oldest
+  /// ones beyond total_limit are removed. Otherwise `output_dir` is required; an existing
+  /// checkpoint there is replaced atomically. Returns the directory.
+  ///
+  /// Example:
+  /// \code
+  ///   accelerator.save_state("ckpt");
+  ///   // ... a new process, after the same prepare():
+  ///   accelerator.load_state("ckpt");
+  /// \endcode
+  std::string save_state(const std::string& output_dir = "");
+  /// Restores what save_state saved into the prepared objects (Accelerate's `load_state`). With
+  /// automatic_checkpoint_naming and no directory, picks the latest complete checkpoint and
+  /// sets save_iteration() past it. Afterwards a prepared data loader's next iteration goes on
+  /// mid-epoch exactly where the saved run was. The checkpoint must come from the same number
+  /// of processes and hold as many models, optimizers, schedulers, loaders and registered
+  /// objects as were prepared; otherwise an error says what differs, before anything is
+  /// changed. Returns the directory.
+  std::string load_state(const std::string& input_dir = "");
+
+  /// Adds an object to what save_state / load_state handle (Accelerate's
+  /// `register_for_checkpointing`), saved as `custom_checkpoint_<i>.safetensors` in
+  /// registration order.
+  void register_for_checkpointing(std::shared_ptr<Checkpointable> object);
+  /// A module that was not prepared (an EMA copy, say), saved like a custom object.
+  void register_for_checkpointing(std::shared_ptr<torch::nn::Module> module);
+  template <class Holder>
+  requires std::derived_from<typename Holder::ContainedType, torch::nn::Module>
+  void register_for_checkpointing(const Holder& module) {
+    register_for_checkpointing(std::static_pointer_cast<torch::nn::Module>(module.ptr()));
+  }
+  /// A scheduler that was not prepared.
+  void register_for_checkpointing(std::shared_ptr<LRScheduler> scheduler);
+
+  RemovableHandle register_save_state_pre_hook(SaveStatePreHook hook);
+  RemovableHandle register_load_state_pre_hook(LoadStatePreHook hook);
+
+  /// Saves tensors as a safetensors file (atomically), on the main process only, or on each
+  /// machine's local main process with project_config.save_on_each_node (Accelerate's `save`).
+  /// Returns whether this process wrote.
+  bool save(const NamedTensors& tensors, const std::string& path,
+            const std::map<std::string, std::string>& metadata = {}) const;
+  /// Anything `torch::save` takes (modules, optimizers, tensors...), written atomically on the
+  /// same processes.
+  template <class T>
+  bool save(const T& object, const std::string& path) const {
+    if (!is_saving_process()) return false;
+    write_atomically(path, [&](const std::string& tmp) { torch::save(object, tmp); });
+    return true;
+  }
+  /// accelerate::save_model on the main process (Accelerate's `Accelerator.save_model`).
+  /// Returns the files written (empty on the other processes).
+  std::vector<std::string> save_model(const torch::nn::Module& model, const std::string& directory,
+                                      const SaveModelOptions& options = {}) const;
+
+  /// The number of the next automatically named checkpoint.
+  int64_t save_iteration() const { return core_->config.project_config.iteration; }
+  void set_save_iteration(int64_t iteration) { core_->config.project_config.iteration = iteration; }
 
   // ------------------------------------------------------------------ processes
 
@@ -534,6 +656,9 @@ class Accelerator {
     }
   }
 
+  bool is_saving_process() const;
+  static void write_atomically(const std::string& path,
+                               const std::function<void(const std::string&)>& write);
   void prepare_module(const std::shared_ptr<torch::nn::Module>& module,
                       const PrepareModelOptions& options);
   void remember_optimizer(torch::optim::Optimizer* optimizer,

@@ -518,7 +518,8 @@ class DataLoader {
 
   /// Where the loader is, for checkpoints. Take it inside the loop, while the iteration is
   /// running: once a range-for ends (or is left with `break`) the iteration is over and the
-  /// position points at the start of the next epoch.
+  /// position points at the start of the next iteration (the epoch counts up only when an
+  /// iteration runs to its end, as in Accelerate).
   ///
   ///   for (auto& batch : loader) {
   ///     train(batch);

@@ -1,0 +1,772 @@
+// save_state / load_state: the checkpoint layout of checkpoint_state.h and the Accelerator's
+// checkpointing methods.
+#include "accelerate/checkpoint_state.h"
+
+#include "accelerate/accelerator.h"
+#include "accelerate/checkpointing.h"
+#include "accelerate/compat.h"
+#include "accelerate/detail/collectives.h"
+#include "accelerate/optimizer_state.h"
+#include "accelerate/safetensors.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/cuda.h>
+#include <nlohmann/json.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#ifndef ACCELERATE_VERSION_STRING
+#define ACCELERATE_VERSION_STRING "unknown"
+#endif
+
+namespace accelerate {
+
+namespace fs = std::filesystem;
+using Json = nlohmann::ordered_json;
+
+std::string library_version() {
+  return ACCELERATE_VERSION_STRING;
+}
+
+std::string indexed_file_name(const std::string& base, size_t index, const std::string& extension) {
+  return index == 0 ? base + extension : base + "_" + std::to_string(index) + extension;
+}
+
+at::Tensor ObjectState::get(const std::string& name) const {
+  std::string names;
+  for (const auto& [key, tensor] : tensors) {
+    if (key == name) return tensor;
+    names += (names.empty() ? "" : ", ") + key;
+  }
+  TORCH_CHECK(false, "accelerate: the saved object state has no tensor \"", name,
+              "\" (it has: ", names.empty() ? "none" : names, ")");
+}
+
+const std::string& ObjectState::meta(const std::string& key) const {
+  auto it = metadata.find(key);
+  TORCH_CHECK(it != metadata.end(), "accelerate: the saved object state has no metadata \"", key,
+              "\"");
+  return it->second;
+}
+
+// ---------------------------------------------------------------------- the marker
+
+std::string CheckpointInfo::to_json() const {
+  Json j;
+  j["format"] = "accelerate-cpp checkpoint";
+  j["format_version"] = format_version;
+  j["library_version"] = library_version;
+  j["torch_version"] = torch_version;
+  j["world_size"] = world_size;
+  j["step"] = step;
+  j["mixed_precision"] = mixed_precision;
+  j["num_models"] = num_models;
+  j["num_optimizers"] = num_optimizers;
+  j["num_schedulers"] = num_schedulers;
+  j["num_data_loaders"] = num_data_loaders;
+  j["num_custom_objects"] = num_custom_objects;
+  j["scaler"] = has_scaler;
+  Json list = Json::object();
+  for (const auto& [name, size] : files) list[name] = size;
+  j["files"] = std::move(list);
+  return j.dump(2) + "\n";
+}
+
+CheckpointInfo CheckpointInfo::from_json(const std::string& text, const std::string& source) {
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: ", source, " is not valid JSON: ", e.what());
+  }
+  TORCH_CHECK(j.is_object() && j.value("format", "") == "accelerate-cpp checkpoint",
+              "accelerate: ", source, " is not an accelerate-cpp checkpoint marker");
+  CheckpointInfo info;
+  auto field = [&](const char* key, auto& out) {
+    TORCH_CHECK(j.contains(key), "accelerate: ", source, " lacks \"", key, "\"");
+    try {
+      j.at(key).get_to(out);
+    } catch (const std::exception&) {
+      TORCH_CHECK(false, "accelerate: ", source, ": \"", key, "\" has the wrong type");
+    }
+  };
+  field("format_version", info.format_version);
+  TORCH_CHECK(info.format_version >= 1 && info.format_version <= kCheckpointFormatVersion,
+              "accelerate: ", source, " has checkpoint format version ", info.format_version,
+              "; this build (", accelerate::library_version(), ") reads versions 1 to ",
+              kCheckpointFormatVersion);
+  field("library_version", info.library_version);
+  field("torch_version", info.torch_version);
+  field("world_size", info.world_size);
+  TORCH_CHECK(info.world_size >= 1, "accelerate: ", source, ": world_size must be >= 1");
+  field("step", info.step);
+  field("mixed_precision", info.mixed_precision);
+  field("num_models", info.num_models);
+  field("num_optimizers", info.num_optimizers);
+  field("num_schedulers", info.num_schedulers);
+  field("num_data_loaders", info.num_data_loaders);
+  field("num_custom_objects", info.num_custom_objects);
+  field("scaler", info.has_scaler);
+  TORCH_CHECK(j.contains("files") && j["files"].is_object(), "accelerate: ", source,
+              " lacks the \"files\" object");
+  for (const auto& [name, size] : j["files"].items()) {
+    TORCH_CHECK(size.is_number_integer() && size.get<int64_t>() >= 0, "accelerate: ", source,
+                ": the size of \"", name, "\" is not a byte count");
+    TORCH_CHECK(!name.empty() && name.find('/') == std::string::npos && name != "." && name != "..",
+                "accelerate: ", source, ": \"", name, "\" is not a file name");
+    info.files.emplace_back(name, size.get<int64_t>());
+  }
+  return info;
+}
+
+namespace {
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in, "accelerate: cannot open ", path, ": ", std::strerror(errno));
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  safetensors::detail::write_file_atomically(path.string(), {{text.data(), text.size()}});
+}
+
+// Without this a rename or a removal may not survive a power loss.
+void fsync_directory(const fs::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  TORCH_CHECK(fd >= 0, "accelerate: cannot open directory ", dir, ": ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  TORCH_CHECK(rc == 0, "accelerate: cannot fsync directory ", dir, ": ", std::strerror(err));
+}
+
+// The n of "checkpoint_<n>", or -1.
+int64_t checkpoint_number(const std::string& name) {
+  static const std::regex pattern(std::string(kCheckpointPrefix) + "([0-9]{1,18})");
+  std::smatch m;
+  if (!std::regex_match(name, m, pattern)) return -1;
+  return std::stoll(m[1].str());
+}
+
+}  // namespace
+
+CheckpointInfo read_checkpoint_info(const std::string& directory) {
+  const fs::path dir(directory);
+  TORCH_CHECK(fs::is_directory(dir), "accelerate: load_state: ", dir, " is not a directory");
+  const fs::path marker = dir / kCheckpointMarkerName;
+  TORCH_CHECK(fs::exists(marker), "accelerate: load_state: ", dir,
+              " is not a complete checkpoint (no ", kCheckpointMarkerName,
+              "; save_state writes it last, so the save that made this directory did not finish)");
+  auto info = CheckpointInfo::from_json(read_text(marker), marker.string());
+  for (const auto& [name, size] : info.files) {
+    const fs::path file = dir / name;
+    std::error_code ec;
+    const auto actual = fs::file_size(file, ec);
+    TORCH_CHECK(!ec, "accelerate: load_state: the checkpoint ", dir, " lists ", name,
+                ", which is missing");
+    TORCH_CHECK(static_cast<int64_t>(actual) == size, "accelerate: load_state: ", file, " has ",
+                actual, " bytes, the checkpoint recorded ", size, " (the file was changed)");
+  }
+  return info;
+}
+
+std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& checkpoints_dir) {
+  std::vector<std::pair<int64_t, std::string>> out;
+  std::error_code ec;
+  if (!fs::is_directory(checkpoints_dir, ec)) return out;
+  for (const auto& entry : fs::directory_iterator(checkpoints_dir, ec)) {
+    const int64_t n = checkpoint_number(entry.path().filename().string());
+    if (n < 0 || !entry.is_directory(ec)) continue;
+    if (!fs::exists(entry.path() / kCheckpointMarkerName, ec)) continue;
+    out.emplace_back(n, entry.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& checkpoints_dir) {
+  auto all = list_checkpoints(checkpoints_dir);
+  if (all.empty()) return std::nullopt;
+  return all.back().second;
+}
+
+// ---------------------------------------------------------------------- adapters
+
+namespace {
+
+std::string scheduler_json(const SchedulerState& s) {
+  Json j;
+  j["last_epoch"] = s.last_epoch;
+  j["base_lrs"] = s.base_lrs;
+  j["last_lrs"] = s.last_lrs;
+  return j.dump(2) + "\n";
+}
+
+SchedulerState scheduler_from_json(const std::string& text, const std::string& source) {
+  SchedulerState s;
+  try {
+    auto j = Json::parse(text);
+    j.at("last_epoch").get_to(s.last_epoch);
+    j.at("base_lrs").get_to(s.base_lrs);
+    j.at("last_lrs").get_to(s.last_lrs);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: ", source, " is not a scheduler state: ", e.what());
+  }
+  return s;
+}
+
+std::string scaler_json(const GradScalerState& s) {
+  Json j;
+  j["scale"] = s.scale;
+  j["growth_tracker"] = s.growth_tracker;
+  j["growth_factor"] = s.growth_factor;
+  j["backoff_factor"] = s.backoff_factor;
+  j["growth_interval"] = s.growth_interval;
+  j["enabled"] = s.enabled;
+  return j.dump(2) + "\n";
+}
+
+GradScalerState scaler_from_json(const std::string& text, const std::string& source) {
+  GradScalerState s;
+  try {
+    auto j = Json::parse(text);
+    j.at("scale").get_to(s.scale);
+    j.at("growth_tracker").get_to(s.growth_tracker);
+    j.at("growth_factor").get_to(s.growth_factor);
+    j.at("backoff_factor").get_to(s.backoff_factor);
+    j.at("growth_interval").get_to(s.growth_interval);
+    j.at("enabled").get_to(s.enabled);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: ", source, " is not a loss scaler state: ", e.what());
+  }
+  return s;
+}
+
+// Copies `tensors` into the module's parameters and buffers by name; every name must match both
+// ways and every shape agree, checked before anything is copied.
+void copy_into_module(torch::nn::Module& module, const NamedTensors& tensors,
+                      const std::string& source) {
+  std::map<std::string, at::Tensor> by_name(tensors.begin(), tensors.end());
+  auto targets = model_state(module);
+  std::set<std::string> used;
+  for (const auto& [name, target] : targets) {
+    auto it = by_name.find(name);
+    TORCH_CHECK(it != by_name.end(), "accelerate: ", source, " has no tensor \"", name, "\"");
+    TORCH_CHECK(it->second.sizes() == target.sizes(), "accelerate: ", source, ": \"", name,
+                "\" has shape ", it->second.sizes(), ", the module's has ", target.sizes());
+    used.insert(name);
+  }
+  for (const auto& [name, tensor] : by_name) {
+    TORCH_CHECK(used.count(name), "accelerate: ", source, " has \"", name,
+                "\", which the module does not");
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& [name, target] : targets) target.copy_(by_name.at(name));
+}
+
+class ModuleObject : public Checkpointable {
+ public:
+  explicit ModuleObject(std::shared_ptr<torch::nn::Module> module) : module_(std::move(module)) {}
+  ObjectState state_dict() const override { return {model_state(*module_), {{"kind", "module"}}}; }
+  void load_state_dict(const ObjectState& state) override {
+    copy_into_module(*module_, state.tensors, "the registered module's checkpoint");
+  }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+};
+
+class SchedulerObject : public Checkpointable {
+ public:
+  explicit SchedulerObject(std::shared_ptr<LRScheduler> scheduler)
+      : scheduler_(std::move(scheduler)) {}
+  ObjectState state_dict() const override {
+    return {{}, {{"kind", "scheduler"}, {"state", scheduler_json(scheduler_->state_dict())}}};
+  }
+  void load_state_dict(const ObjectState& state) override {
+    scheduler_->load_state_dict(
+        scheduler_from_json(state.meta("state"), "the registered scheduler's checkpoint"));
+  }
+
+ private:
+  std::shared_ptr<LRScheduler> scheduler_;
+};
+
+// Runs `body` on every process and makes them agree on the outcome: if it threw anywhere, it
+// throws everywhere, naming the processes and their errors. Without this a process that fails
+// alone would leave the others waiting in the next collective forever.
+void on_all_processes(const PartialState& state, const char* op,
+                      const std::function<void()>& body) {
+  std::string error;
+  try {
+    body();
+  } catch (const c10::Error& e) {
+    error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  if (!state.use_distributed()) {
+    TORCH_CHECK(error.empty(), error);
+    return;
+  }
+  auto all = detail::all_gather_bytes(state, op, error);
+  std::string message;
+  for (size_t rank = 0; rank < all.size(); ++rank) {
+    if (all[rank].empty()) continue;
+    message += (message.empty() ? "" : "\n") + std::string("process ") + std::to_string(rank) +
+               ": " + all[rank];
+  }
+  TORCH_CHECK(message.empty(), "accelerate: ", op, " failed\n", message);
+}
+
+// The generator states of this process.
+NamedTensors generator_states() {
+  NamedTensors out;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    out.emplace_back("torch_manual_seed", gen.get_state());
+  }
+  if (torch::cuda::is_available()) {
+    for (size_t i = 0; i < torch::cuda::device_count(); ++i) {
+      auto gen = at::detail::getCUDAHooks().getDefaultCUDAGenerator(static_cast<int>(i));
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      out.emplace_back("torch_cuda_manual_seed." + std::to_string(i), gen.get_state());
+    }
+  }
+  return out;
+}
+
+void set_generator_state(at::Generator gen, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state.contiguous());
+}
+
+std::vector<uint8_t> bytes_of(const at::Tensor& t) {
+  auto c = t.contiguous();
+  const auto* p = c.data_ptr<uint8_t>();
+  return std::vector<uint8_t>(p, p + c.numel());
+}
+
+at::Tensor tensor_of(const std::vector<uint8_t>& bytes) {
+  auto t = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
+  if (!bytes.empty()) std::memcpy(t.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  return t;
+}
+
+int64_t parse_int(const std::string& text, const std::string& what) {
+  try {
+    size_t used = 0;
+    int64_t v = std::stoll(text, &used);
+    if (used == text.size()) return v;
+  } catch (const std::exception&) {
+  }
+  TORCH_CHECK(false, "accelerate: load_state: ", what, " is \"", text, "\", not an integer");
+}
+
+// Publishes `partial` as `target`: atomically when `target` does not exist, or by swapping the
+// two directories (renameat2 RENAME_EXCHANGE) when it does, so that a crash at any moment leaves
+// a complete checkpoint at `target`.
+void publish(const fs::path& partial, const fs::path& target) {
+  std::error_code ec;
+  if (!fs::exists(target, ec)) {
+    TORCH_CHECK(::rename(partial.c_str(), target.c_str()) == 0, "accelerate: save_state: cannot ",
+                "rename ", partial, " to ", target, ": ", std::strerror(errno));
+    return;
+  }
+  if (::renameat2(AT_FDCWD, partial.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+    fsync_directory(target.parent_path());
+    fs::remove_all(partial);  // now the old checkpoint
+    return;
+  }
+  // Filesystems without RENAME_EXCHANGE: a short window in which `target` is missing, but
+  // nothing is ever half-written and the old checkpoint stays whole under `.old` until then.
+  const fs::path old = partial.string() + ".old";
+  fs::remove_all(old);
+  TORCH_CHECK(::rename(target.c_str(), old.c_str()) == 0, "accelerate: save_state: cannot move ",
+              target, " aside: ", std::strerror(errno));
+  TORCH_CHECK(::rename(partial.c_str(), target.c_str()) == 0, "accelerate: save_state: cannot ",
+              "rename ", partial, " to ", target, ": ", std::strerror(errno));
+  fsync_directory(target.parent_path());
+  fs::remove_all(old);
+}
+
+fs::path normalized(const std::string& dir) {
+  fs::path p = fs::absolute(fs::path(dir)).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  return p;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------- Accelerator
+
+bool Accelerator::is_saving_process() const {
+  return core_->config.project_config.save_on_each_node ? is_local_main_process()
+                                                        : is_main_process();
+}
+
+void Accelerator::write_atomically(const std::string& path,
+                                   const std::function<void(const std::string&)>& write) {
+  const fs::path target(path);
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  const std::string temp = path + ".tmp." + std::to_string(::getpid());
+  try {
+    write(temp);
+    int fd = ::open(temp.c_str(), O_RDONLY | O_CLOEXEC);
+    TORCH_CHECK(fd >= 0, "accelerate: cannot open ", temp, ": ", std::strerror(errno));
+    const int rc = ::fsync(fd);
+    ::close(fd);
+    TORCH_CHECK(rc == 0, "accelerate: cannot fsync ", temp);
+    TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "accelerate: cannot rename ", temp,
+                " to ", path, ": ", std::strerror(errno));
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(temp, ec);
+    throw;
+  }
+  fsync_directory(fs::absolute(target).parent_path());
+}
+
+bool Accelerator::save(const NamedTensors& tensors, const std::string& path,
+                       const std::map<std::string, std::string>& metadata) const {
+  if (!is_saving_process()) return false;
+  const fs::path target(path);
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  safetensors::save_file(tensors, path, metadata);
+  return true;
+}
+
+std::vector<std::string> Accelerator::save_model(const torch::nn::Module& model,
+                                                 const std::string& directory,
+                                                 const SaveModelOptions& options) const {
+  if (!is_saving_process()) return {};
+  return accelerate::save_model(model, directory, options);
+}
+
+void Accelerator::register_for_checkpointing(std::shared_ptr<Checkpointable> object) {
+  TORCH_CHECK(object, "accelerate: register_for_checkpointing was given a null object");
+  core_->custom_objects.push_back(std::move(object));
+}
+
+void Accelerator::register_for_checkpointing(std::shared_ptr<torch::nn::Module> module) {
+  TORCH_CHECK(module, "accelerate: register_for_checkpointing was given a null module");
+  core_->custom_objects.push_back(std::make_shared<ModuleObject>(std::move(module)));
+}
+
+void Accelerator::register_for_checkpointing(std::shared_ptr<LRScheduler> scheduler) {
+  TORCH_CHECK(scheduler, "accelerate: register_for_checkpointing was given a null scheduler");
+  core_->custom_objects.push_back(std::make_shared<SchedulerObject>(std::move(scheduler)));
+}
+
+RemovableHandle Accelerator::register_save_state_pre_hook(SaveStatePreHook hook) {
+  TORCH_CHECK(hook, "accelerate: register_save_state_pre_hook was given an empty function");
+  auto hooks = core_->hooks;
+  const int id = hooks->next_id++;
+  hooks->save[id] = std::move(hook);
+  std::weak_ptr<detail::CheckpointHooks> weak = hooks;
+  return RemovableHandle([weak, id] {
+    if (auto h = weak.lock()) h->save.erase(id);
+  });
+}
+
+RemovableHandle Accelerator::register_load_state_pre_hook(LoadStatePreHook hook) {
+  TORCH_CHECK(hook, "accelerate: register_load_state_pre_hook was given an empty function");
+  auto hooks = core_->hooks;
+  const int id = hooks->next_id++;
+  hooks->load[id] = std::move(hook);
+  std::weak_ptr<detail::CheckpointHooks> weak = hooks;
+  return RemovableHandle([weak, id] {
+    if (auto h = weak.lock()) h->load.erase(id);
+  });
+}
+
+std::string Accelerator::save_state(const std::string& output_dir) {
+  auto& core = *core_;
+  auto& project = core.config.project_config;
+  const auto& state = *core.state;
+  fs::path target;
+  if (project.automatic_checkpoint_naming) {
+    TORCH_CHECK(output_dir.empty(), "accelerate: save_state: with automatic_checkpoint_naming the ",
+                "directory is <project_dir>/checkpoints/checkpoint_<n>; call save_state() "
+                "without one (got \"",
+                output_dir, "\")");
+    TORCH_CHECK(!project.project_dir.empty(), "accelerate: save_state: ",
+                "automatic_checkpoint_naming needs project_config.project_dir");
+    target = normalized((fs::path(project.project_dir) / kCheckpointsFolder /
+                         (kCheckpointPrefix + std::to_string(project.iteration)))
+                            .string());
+  } else {
+    TORCH_CHECK(!output_dir.empty(),
+                "accelerate: save_state needs a directory, or "
+                "project_config.automatic_checkpoint_naming with a project_dir");
+    target = normalized(output_dir);
+  }
+  const fs::path partial = target.parent_path() / ("." + target.filename().string() + ".partial");
+  const bool publisher = is_saving_process();
+  const int rank = process_index();
+
+  // 1. A fresh temporary directory (a crashed save may have left one).
+  on_all_processes(state, "save_state", [&] {
+    if (!publisher) return;
+    std::error_code ec;
+    if (fs::exists(target, ec)) {
+      TORCH_CHECK(!project.automatic_checkpoint_naming, "accelerate: save_state: ", target,
+                  " already exists; set_save_iteration() to the number to continue from");
+      TORCH_CHECK(fs::is_directory(target), "accelerate: save_state: ", target,
+                  " exists and is not a directory");
+      TORCH_CHECK(fs::exists(target / kCheckpointMarkerName) || fs::is_empty(target),
+                  "accelerate: save_state: ", target,
+                  " exists and is not a checkpoint; refusing to replace its files");
+    }
+    fs::create_directories(target.parent_path());
+    fs::remove_all(partial);
+    if (project.automatic_checkpoint_naming) {
+      // What crashed saves and removals left behind; the folder belongs to this run.
+      static const std::regex leftover("\\.checkpoint_[0-9]+\\.(partial|removing)");
+      for (const auto& entry : fs::directory_iterator(target.parent_path())) {
+        if (std::regex_match(entry.path().filename().string(), leftover)) {
+          fs::remove_all(entry.path());
+        }
+      }
+    }
+    fs::create_directory(partial);
+  });
+
+  // 2. The files. Hooks run everywhere, as in Accelerate; shared objects are written by the
+  // publishing process, per-process state by each.
+  CheckpointInfo info;
+  on_all_processes(state, "save_state", [&] {
+    std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
+    std::vector<NamedTensors> weights;
+    for (const auto& m : models) weights.push_back(model_state(*m));
+    for (auto& [id, hook] : core.hooks->save) hook(models, weights, partial.string());
+    info.num_models = static_cast<int64_t>(weights.size());
+    info.num_optimizers = static_cast<int64_t>(core.optimizers.size());
+    info.num_schedulers = static_cast<int64_t>(core.schedulers.size());
+    info.num_data_loaders = static_cast<int64_t>(core.loaders.size());
+    info.num_custom_objects = static_cast<int64_t>(core.custom_objects.size());
+    info.has_scaler = core.scaler != nullptr;
+    if (publisher) {
+      for (size_t i = 0; i < weights.size(); ++i) {
+        safetensors::save_file(
+            weights[i], (partial / indexed_file_name(kModelName, i, ".safetensors")).string(),
+            {{"format", "pt"}});
+      }
+      for (size_t i = 0; i < core.optimizers.size(); ++i) {
+        save_optimizer_state(
+            *core.optimizers[i]->optimizer,
+            (partial / indexed_file_name(kOptimizerName, i, ".safetensors")).string());
+      }
+      for (size_t i = 0; i < core.schedulers.size(); ++i) {
+        write_text(partial / indexed_file_name(kSchedulerName, i, ".json"),
+                   scheduler_json(core.schedulers[i]->state_dict()));
+      }
+      if (core.scaler) write_text(partial / kScalerName, scaler_json(core.scaler->state_dict()));
+      for (size_t i = 0; i < core.custom_objects.size(); ++i) {
+        auto object = core.custom_objects[i]->state_dict();
+        safetensors::save_file(object.tensors,
+                               (partial / (std::string(kCustomCheckpointName) + "_" +
+                                           std::to_string(i) + ".safetensors"))
+                                   .string(),
+                               object.metadata);
+      }
+    }
+    NamedTensors mine = generator_states();
+    std::map<std::string, std::string> meta = {
+        {"step", std::to_string(core.step)},
+        {"process_index", std::to_string(rank)},
+        {"num_data_loaders", std::to_string(core.loaders.size())}};
+    for (size_t i = 0; i < core.loaders.size(); ++i) {
+      const auto pos = core.loaders[i].position();
+      const std::string key = "dataloader_" + std::to_string(i);
+      meta[key + ".epoch"] = std::to_string(pos.epoch);
+      meta[key + ".batches_yielded"] = std::to_string(pos.batches_yielded);
+      mine.emplace_back(key + ".sampler_state", tensor_of(pos.sampler_state));
+    }
+    safetensors::save_file(
+        mine,
+        (partial / (std::string(kRngStateName) + "_" + std::to_string(rank) + ".safetensors"))
+            .string(),
+        meta);
+  });
+
+  // 3. The marker, last, then publication; old checkpoints go only once the new one is in place.
+  on_all_processes(state, "save_state", [&] {
+    if (!publisher) return;
+    info.library_version = library_version();
+    info.torch_version = compat::torch_version();
+    info.world_size = num_processes();
+    info.step = core.step;
+    info.mixed_precision = mixed_precision();
+    std::vector<std::pair<std::string, int64_t>> files;
+    for (const auto& entry : fs::directory_iterator(partial)) {
+      if (!entry.is_regular_file()) continue;
+      files.emplace_back(entry.path().filename().string(), static_cast<int64_t>(entry.file_size()));
+    }
+    std::sort(files.begin(), files.end());
+    info.files = std::move(files);
+    write_text(partial / kCheckpointMarkerName, info.to_json());
+    fsync_directory(partial);
+    publish(partial, target);
+    fsync_directory(target.parent_path());
+    if (project.automatic_checkpoint_naming && project.total_limit) {
+      auto all = list_checkpoints(target.parent_path().string());
+      int64_t excess = static_cast<int64_t>(all.size()) - *project.total_limit;
+      for (const auto& [n, path] : all) {
+        if (excess <= 0) break;
+        if (fs::path(path) == target) continue;
+        // Unpublish first (a rename is atomic) so that a crash mid-removal never leaves a
+        // half-deleted directory that still looks like a checkpoint.
+        const fs::path doomed =
+            target.parent_path() / ("." + fs::path(path).filename().string() + ".removing");
+        fs::remove_all(doomed);
+        fs::rename(path, doomed);
+        fs::remove_all(doomed);
+        --excess;
+      }
+      fsync_directory(target.parent_path());
+    }
+  });
+  if (project.automatic_checkpoint_naming) ++project.iteration;
+  return target.string();
+}
+
+std::string Accelerator::load_state(const std::string& input_dir) {
+  auto& core = *core_;
+  auto& project = core.config.project_config;
+  const auto& state = *core.state;
+  fs::path dir;
+  std::optional<int64_t> picked;
+  if (!input_dir.empty()) {
+    dir = normalized(input_dir);
+  } else {
+    TORCH_CHECK(project.automatic_checkpoint_naming,
+                "accelerate: load_state needs a directory, or "
+                "project_config.automatic_checkpoint_naming to pick the latest checkpoint");
+    const fs::path root = normalized((fs::path(project.project_dir) / kCheckpointsFolder).string());
+    // Process 0 picks, so that every process loads the same checkpoint even if one is being
+    // written meanwhile.
+    std::string name;
+    on_all_processes(state, "load_state", [&] {
+      if (process_index() != 0) return;
+      auto latest = latest_checkpoint(root.string());
+      TORCH_CHECK(latest, "accelerate: load_state: no complete checkpoint under ", root);
+      name = fs::path(*latest).filename().string();
+    });
+    if (state.use_distributed()) name = detail::broadcast_bytes(state, "load_state", name, 0);
+    dir = root / name;
+    picked = std::stoll(name.substr(std::string(kCheckpointPrefix).size()));
+  }
+  const int rank = process_index();
+  const fs::path rank_file =
+      dir / (std::string(kRngStateName) + "_" + std::to_string(rank) + ".safetensors");
+
+  on_all_processes(state, "load_state", [&] {
+    // Everything that can be checked before changing anything.
+    const auto info = read_checkpoint_info(dir.string());
+    TORCH_CHECK(info.world_size == num_processes(), "accelerate: load_state: ", dir,
+                " was saved by ", info.world_size, " process(es) and this run has ",
+                num_processes(),
+                "; each process resumes its own generator states and data position, so resume "
+                "with the same number of processes (or load only the weights with "
+                "load_checkpoint_in_model)");
+    TORCH_CHECK(fs::exists(rank_file), "accelerate: load_state: ", rank_file, " is missing");
+    auto check_count = [&](const char* what, int64_t saved, size_t have) {
+      TORCH_CHECK(saved == static_cast<int64_t>(have), "accelerate: load_state: ", dir, " holds ",
+                  saved, " ", what, ", this Accelerator has ", have,
+                  " prepared; prepare the same objects as the run that saved it");
+    };
+    check_count("optimizer(s)", info.num_optimizers, core.optimizers.size());
+    check_count("scheduler(s)", info.num_schedulers, core.schedulers.size());
+    check_count("data loader(s)", info.num_data_loaders, core.loaders.size());
+    check_count("registered object(s)", info.num_custom_objects, core.custom_objects.size());
+    TORCH_CHECK(!core.scaler || info.has_scaler, "accelerate: load_state: ", dir,
+                " has no loss scaler state (saved with mixed_precision=", info.mixed_precision,
+                "), this run uses fp16");
+    auto mine = safetensors::load_file(rank_file.string());
+    const auto& meta = mine.metadata;
+    auto meta_int = [&](const std::string& key) {
+      auto it = meta.find(key);
+      TORCH_CHECK(it != meta.end(), "accelerate: load_state: ", rank_file, " lacks \"", key, "\"");
+      return parse_int(it->second, rank_file.string() + " \"" + key + "\"");
+    };
+    TORCH_CHECK(meta_int("process_index") == rank, "accelerate: load_state: ", rank_file,
+                " belongs to another process");
+    check_count("data loader position(s)", meta_int("num_data_loaders"), core.loaders.size());
+    std::vector<data::LoaderPosition> positions;
+    for (size_t i = 0; i < core.loaders.size(); ++i) {
+      const std::string key = "dataloader_" + std::to_string(i);
+      data::LoaderPosition pos;
+      pos.epoch = meta_int(key + ".epoch");
+      pos.batches_yielded = meta_int(key + ".batches_yielded");
+      pos.sampler_state = bytes_of(mine.get(key + ".sampler_state"));
+      positions.push_back(std::move(pos));
+    }
+    const int64_t step = meta_int("step");
+
+    // Now load.
+    std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
+    for (auto& [id, hook] : core.hooks->load) hook(models, dir.string());
+    check_count("model(s)", info.num_models, models.size());
+    for (size_t i = 0; i < models.size(); ++i) {
+      load_checkpoint_in_model(*models[i],
+                               (dir / indexed_file_name(kModelName, i, ".safetensors")).string(),
+                               {.strict = true});
+    }
+    for (size_t i = 0; i < core.optimizers.size(); ++i) {
+      load_optimizer_state(*core.optimizers[i]->optimizer,
+                           (dir / indexed_file_name(kOptimizerName, i, ".safetensors")).string());
+    }
+    for (size_t i = 0; i < core.schedulers.size(); ++i) {
+      const auto file = dir / indexed_file_name(kSchedulerName, i, ".json");
+      core.schedulers[i]->load_state_dict(scheduler_from_json(read_text(file), file.string()));
+    }
+    if (core.scaler) {
+      const auto file = dir / kScalerName;
+      core.scaler->load_state_dict(scaler_from_json(read_text(file), file.string()));
+    }
+    for (size_t i = 0; i < core.custom_objects.size(); ++i) {
+      auto file = safetensors::load_file(
+          (dir / (std::string(kCustomCheckpointName) + "_" + std::to_string(i) + ".safetensors"))
+              .string());
+      ObjectState object;
+      for (auto& [name, tensor] : file.tensors) object.tensors.emplace_back(name, tensor.clone());
+      object.metadata = std::move(file.metadata);
+      core.custom_objects[i]->load_state_dict(object);
+    }
+    set_generator_state(at::detail::getDefaultCPUGenerator(), mine.get("torch_manual_seed"));
+    if (torch::cuda::is_available()) {
+      for (size_t i = 0; i < torch::cuda::device_count(); ++i) {
+        const std::string key = "torch_cuda_manual_seed." + std::to_string(i);
+        if (!mine.contains(key)) continue;
+        set_generator_state(at::detail::getCUDAHooks().getDefaultCUDAGenerator(static_cast<int>(i)),
+                            mine.get(key));
+      }
+    }
+    for (size_t i = 0; i < core.loaders.size(); ++i) core.loaders[i].set_position(positions[i]);
+    core.step = step;
+  });
+  if (picked) project.iteration = *picked + 1;
+  return dir.string();
+}
+
+}  // namespace accelerate

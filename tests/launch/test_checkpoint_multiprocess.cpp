@@ -1,0 +1,165 @@
+// save_state / load_state across real processes: resuming through `accelerate launch` gives the
+// uninterrupted run's weights bit for bit (1 and 2 processes), and a process SIGKILLed at any
+// moment of a save never leaves a checkpoint that load_state picks and then fails on.
+
+#include <accelerate/accelerator.h>
+#include <accelerate/checkpoint_state.h>
+#include <accelerate/safetensors.h>
+
+#include <gtest/gtest.h>
+
+#include "expect_error.h"
+#include "launch_util.h"
+#include "resume_training.h"
+
+#include <signal.h>
+
+#include <chrono>
+#include <filesystem>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using accelerate::testing::ChildProcess;
+using accelerate::testing::cli_path;
+using accelerate::testing::kLaunchVariables;
+using accelerate::testing::run_command;
+using accelerate::testing::same;
+using accelerate::testing::TempDir;
+using accelerate::testing::worker_path;
+
+constexpr auto kTimeout = std::chrono::seconds(120);
+
+accelerate::testing::RunResult launch(int n, const std::vector<std::string>& args) {
+  std::vector<std::string> argv{cli_path(), "launch", "-n", std::to_string(n),
+                                worker_path("checkpoint_worker")};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_command(argv, kTimeout, {{"OMP_NUM_THREADS", "1"}}, kLaunchVariables);
+}
+
+class ResumeThroughLauncher : public ::testing::TestWithParam<int> {};
+
+TEST_P(ResumeThroughLauncher, ResumedRunEqualsTheUninterruptedOneBitForBit) {
+  const int n = GetParam();
+  TempDir tmp;
+  const auto straight = (tmp.path() / "straight.safetensors").string();
+  const auto resumed = (tmp.path() / "resumed.safetensors").string();
+  const auto dir = (tmp.path() / "ckpt").string();
+
+  auto r = launch(n, {"train", "--steps", "23", "--out", straight});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // 13 steps is mid-epoch for 1 process (10 batches an epoch) and for 2 (5 each).
+  r = launch(n, {"train", "--steps", "23", "--save-at", "13", "--dir", dir});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (int rank = 0; rank < n; ++rank) {
+    EXPECT_TRUE(fs::exists(dir + "/random_states_" + std::to_string(rank) + ".safetensors"));
+  }
+  EXPECT_EQ(accelerate::read_checkpoint_info(dir).world_size, n);
+  r = launch(n, {"train", "--steps", "23", "--resume", "--dir", dir, "--out", resumed});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+
+  auto a = accelerate::safetensors::load_file(straight);
+  auto b = accelerate::safetensors::load_file(resumed);
+  ASSERT_EQ(a.names(), b.names());
+  ASSERT_EQ(a.names().size(), 4u);
+  for (const auto& name : a.names()) EXPECT_TRUE(same(b.get(name), a.get(name))) << name;
+
+  // Another world size cannot take the per-process states: a clear error on every process.
+  r = launch(n == 1 ? 2 : 1, {"train", "--steps", "23", "--resume", "--dir", dir});
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("was saved by " + std::to_string(n) + " process(es) and this run has " +
+                          std::to_string(n == 1 ? 2 : 1)),
+            std::string::npos)
+      << r.output;
+}
+
+INSTANTIATE_TEST_SUITE_P(Launch, ResumeThroughLauncher, ::testing::Values(1, 2),
+                         [](const auto& info) { return std::to_string(info.param) + "Processes"; });
+
+// The last "saved <c> <ms>" line of `output`: {c, ms}, or {-1, 0}.
+std::pair<int64_t, double> last_saved(const std::string& output) {
+  std::pair<int64_t, double> out{-1, 0.0};
+  std::istringstream lines(output);
+  std::string line;
+  while (std::getline(lines, line)) {
+    std::istringstream words(line);
+    std::string word;
+    int64_t c = 0;
+    double ms = 0;
+    if (words >> word && word == "saved" && words >> c >> ms) out = {c, ms};
+  }
+  return out;
+}
+
+TEST(CheckpointCrash, SigkillAtAnyMomentOfASaveLeavesALoadableCheckpoint) {
+  TempDir tmp;
+  const auto project = tmp.path().string();
+  const auto checkpoints = tmp.path() / "checkpoints";
+  std::mt19937 random(7);
+  int64_t last_reported = 0;
+  double save_ms = 0;
+  constexpr int kRounds = 24;
+  for (int round = 0; round < kRounds; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    auto child =
+        ChildProcess::start({worker_path("checkpoint_worker"), "save-loop", "--project", project},
+                            {{"OMP_NUM_THREADS", "1"}}, kLaunchVariables);
+    // Wait for a completed save in this round, then kill at a point spread over the next save
+    // (and, every fourth round, the one after), so the kills land in every phase: writing the
+    // files, the marker, the rename, the removal of the oldest checkpoint.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (last_saved(child.output()).first < 0 && std::chrono::steady_clock::now() < deadline) {
+      child.poll_output(std::chrono::milliseconds(5));
+    }
+    auto [c, ms] = last_saved(child.output());
+    ASSERT_GE(c, 0) << child.output();
+    last_reported = c;
+    save_ms = ms;
+    const double span = (round % 4 == 3 ? 2.0 : 1.0) * save_ms;
+    const double delay = span * std::uniform_real_distribution<double>(0.0, 1.0)(random);
+    std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(delay * 1000)));
+    ::kill(child.pid(), SIGKILL);
+    auto r = child.wait(std::chrono::seconds(10));
+    ASSERT_EQ(r.term_signal, SIGKILL) << r.output;
+    last_reported = std::max(last_reported, last_saved(r.output).first);
+
+    // What a restarted run would do: pick the latest complete checkpoint and load it.
+    accelerate::ProjectConfiguration config;
+    config.project_dir = project;
+    config.automatic_checkpoint_naming = true;
+    accelerate::AcceleratorOptions options;
+    options.project_config = config;
+    options.state = accelerate::PartialState::from_environment({}, accelerate::EnvMap{});
+    options.gradient_state = std::make_shared<accelerate::data::GradientState>();
+    accelerate::Accelerator accelerator(options);
+    accelerate::testing::CrashTarget target;
+    auto prepared = accelerator.prepare(target.model, target.adam);
+    (void)prepared;
+    accelerator.register_for_checkpointing(target.progress);
+    ASSERT_NO_THROW(accelerator.load_state());
+    EXPECT_EQ(target.inconsistency(), "");
+    // The newest complete save: the last one reported, or one that finished but was not
+    // printed before the kill.
+    EXPECT_GE(target.progress->steps, last_reported);
+    EXPECT_LE(target.progress->steps, last_reported + 1);
+    last_reported = target.progress->steps;
+    // total_limit 2, plus at most one the kill kept from being removed.
+    EXPECT_LE(accelerate::list_checkpoints(checkpoints.string()).size(), 3u);
+  }
+  // Leftovers are only ever the last kill's.
+  int leftovers = 0;
+  for (const auto& e : fs::directory_iterator(checkpoints)) {
+    if (e.path().filename().string().front() == '.') ++leftovers;
+  }
+  EXPECT_LE(leftovers, 1) << "only the last kill may leave a .partial or .removing directory";
+  EXPECT_GE(last_reported, kRounds);
+  std::cout << "[ info ] a save took " << save_ms << " ms; " << kRounds << " kills, last step "
+            << last_reported << "\n";
+}
+
+}  // namespace

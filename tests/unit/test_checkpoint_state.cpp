@@ -1,0 +1,417 @@
+// save_state / load_state in one process: the layout, resuming bit for bit, automatic naming with
+// total_limit, hooks, custom objects, and every refusal.
+
+#include <accelerate/accelerator.h>
+#include <accelerate/checkpoint_state.h>
+#include <accelerate/optimizer_state.h>
+#include <accelerate/safetensors.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <torch/nn/modules/linear.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/sgd.h>
+#include "expect_error.h"
+#include "launch_util.h"
+#include "resume_training.h"
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace data = accelerate::data;
+using accelerate::Accelerator;
+using accelerate::AcceleratorOptions;
+using accelerate::EnvMap;
+using accelerate::testing::error_of;
+using accelerate::testing::same;
+using accelerate::testing::TempDir;
+
+AcceleratorOptions single(AcceleratorOptions o = {}) {
+  o.state = accelerate::PartialState::from_environment({}, EnvMap{});
+  o.gradient_state = std::make_shared<data::GradientState>();
+  return o;
+}
+
+AcceleratorOptions automatic(const fs::path& project, std::optional<int64_t> total_limit = {}) {
+  accelerate::ProjectConfiguration config;
+  config.project_dir = project.string();
+  config.automatic_checkpoint_naming = true;
+  config.total_limit = total_limit;
+  return single({.project_config = config});
+}
+
+std::set<std::string> files_in(const fs::path& dir) {
+  std::set<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
+  return out;
+}
+
+void expect_same_state(const accelerate::NamedTensors& a, const accelerate::NamedTensors& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].first, b[i].first);
+    EXPECT_TRUE(same(a[i].second, b[i].second)) << a[i].first;
+  }
+}
+
+// A model, an SGD optimizer with momentum (state after one step), and a loader, prepared.
+struct Small {
+  Accelerator accelerator;
+  torch::nn::Linear linear{nullptr};
+  std::shared_ptr<torch::optim::SGD> sgd;
+  data::DataLoader<torch::data::Example<>> loader;
+
+  explicit Small(AcceleratorOptions options, float fill = 1.0f)
+      : accelerator(std::move(options)),
+        loader(accelerate::testing::ResumeRows{}, data::DataLoaderOptions{.batch_size = 4}) {
+    linear = torch::nn::Linear(4, 2);
+    {
+      torch::NoGradGuard no_grad;
+      linear->weight.fill_(fill);
+      linear->bias.fill_(-fill);
+    }
+    sgd = std::make_shared<torch::optim::SGD>(linear->parameters(),
+                                              torch::optim::SGDOptions(0.1).momentum(0.9));
+    auto prepared = accelerator.prepare(linear, sgd, loader);
+    loader = std::get<2>(prepared);
+    linear->weight.mutable_grad() = at::ones({2, 4});
+    linear->bias.mutable_grad() = at::ones({2});
+    sgd->step();
+  }
+};
+
+TEST(CheckpointState, FileNamesFollowAccelerate) {
+  EXPECT_EQ(accelerate::indexed_file_name("model", 0, ".safetensors"), "model.safetensors");
+  EXPECT_EQ(accelerate::indexed_file_name("model", 1, ".safetensors"), "model_1.safetensors");
+  EXPECT_EQ(accelerate::indexed_file_name("scheduler", 12, ".json"), "scheduler_12.json");
+}
+
+TEST(CheckpointState, LayoutAndMarker) {
+  TempDir tmp;
+  const auto dir = tmp.path() / "ckpt";
+  Accelerator accelerator(single());
+  torch::manual_seed(0);
+  torch::nn::Linear a(3, 2), b(2, 1);
+  auto adam = std::make_shared<torch::optim::Adam>(a->parameters(), torch::optim::AdamOptions(0.1));
+  std::shared_ptr<accelerate::LRScheduler> schedule =
+      accelerate::get_linear_schedule_with_warmup(*adam, 2, 10);
+  data::DataLoader loader(accelerate::testing::ResumeRows{},
+                          data::DataLoaderOptions{.batch_size = 4, .shuffle = true});
+  auto [pa, pb, opt, sched, dl] = accelerator.prepare(a, b, adam, schedule, loader);
+  auto progress = std::make_shared<accelerate::testing::Progress>();
+  progress->steps = 7;
+  accelerator.register_for_checkpointing(progress);
+
+  int batches = 0;
+  for (auto& batch : dl) {
+    (void)batch;
+    if (++batches == 3) break;
+  }
+  // Leaving the loop early ended that iteration without completing the epoch (Accelerate counts
+  // an epoch only when the loader runs out); take the position inside a second one.
+  for (auto& batch : dl) {
+    (void)batch;
+    EXPECT_EQ(accelerator.save_state(dir.string()), dir.string());
+    break;
+  }
+
+  EXPECT_EQ(files_in(dir), (std::set<std::string>{
+                               "model.safetensors", "model_1.safetensors", "optimizer.safetensors",
+                               "scheduler.json", "custom_checkpoint_0.safetensors",
+                               "random_states_0.safetensors", "accelerate_state.json"}));
+  EXPECT_FALSE(fs::exists(tmp.path() / ".ckpt.partial"));
+
+  auto marker = nlohmann::json::parse(
+      accelerate::testing::read_text_file(dir / accelerate::kCheckpointMarkerName));
+  EXPECT_EQ(marker["format"], "accelerate-cpp checkpoint");
+  EXPECT_EQ(marker["format_version"], 1);
+  EXPECT_EQ(marker["library_version"], accelerate::library_version());
+  EXPECT_EQ(marker["world_size"], 1);
+  EXPECT_EQ(marker["num_models"], 2);
+  EXPECT_EQ(marker["num_optimizers"], 1);
+  EXPECT_EQ(marker["num_schedulers"], 1);
+  EXPECT_EQ(marker["num_data_loaders"], 1);
+  EXPECT_EQ(marker["num_custom_objects"], 1);
+  EXPECT_EQ(marker["scaler"], false);
+  EXPECT_EQ(marker["files"].size(), 6u);
+  EXPECT_EQ(marker["files"]["model.safetensors"].get<int64_t>(),
+            static_cast<int64_t>(fs::file_size(dir / "model.safetensors")));
+
+  auto weights = accelerate::safetensors::load_file((dir / "model.safetensors").string());
+  EXPECT_EQ(weights.names(), (std::vector<std::string>{"weight", "bias"}));
+  EXPECT_TRUE(same(weights.get("weight"), a->weight.detach()));
+
+  auto rank0 = accelerate::safetensors::load_file((dir / "random_states_0.safetensors").string());
+  EXPECT_EQ(rank0.metadata.at("dataloader_0.epoch"), "0");
+  EXPECT_EQ(rank0.metadata.at("dataloader_0.batches_yielded"), "1");
+  EXPECT_EQ(rank0.metadata.at("step"), "0");
+  EXPECT_EQ(rank0.get("torch_manual_seed").numel(),
+            at::detail::getDefaultCPUGenerator().get_state().numel());
+  EXPECT_GT(rank0.get("dataloader_0.sampler_state").numel(), 0);
+
+  auto scheduler =
+      nlohmann::json::parse(accelerate::testing::read_text_file(dir / "scheduler.json"));
+  EXPECT_EQ(scheduler["last_epoch"], 0);
+  EXPECT_EQ(scheduler["base_lrs"], (std::vector<double>{0.1}));
+
+  auto custom =
+      accelerate::safetensors::load_file((dir / "custom_checkpoint_0.safetensors").string());
+  EXPECT_EQ(custom.get("steps").item<int64_t>(), 7);
+}
+
+// The central promise: stop after k steps, resume in a fresh Accelerator, and the result equals
+// the uninterrupted run bit for bit (mid-epoch, shuffled, dropout, Adam, warm-up).
+TEST(CheckpointState, ResumingReproducesTheUninterruptedRunExactly) {
+  TempDir tmp;
+  using accelerate::testing::ResumeRun;
+  using accelerate::testing::train_resumable;
+  const auto straight = train_resumable(ResumeRun{.total_steps = 23}, single());
+  for (int64_t k : {3, 10, 13}) {
+    const auto dir = (tmp.path() / ("at_" + std::to_string(k))).string();
+    train_resumable(ResumeRun{.total_steps = 23, .save_at = k, .directory = dir}, single());
+    // Whatever the global generator did meanwhile must not matter.
+    torch::manual_seed(999);
+    const auto resumed =
+        train_resumable(ResumeRun{.total_steps = 23, .directory = dir, .resume = true}, single());
+    SCOPED_TRACE("saved after " + std::to_string(k) + " steps");
+    expect_same_state(resumed, straight);
+  }
+  // And the interruption is not a no-op: fewer steps give other weights.
+  const auto shorter = train_resumable(ResumeRun{.total_steps = 22}, single());
+  EXPECT_FALSE(at::equal(shorter[0].second, straight[0].second));
+}
+
+TEST(CheckpointState, RestoresEveryPieceIntoFreshObjects) {
+  TempDir tmp;
+  const auto dir = (tmp.path() / "ckpt").string();
+  {
+    Small first(single(), 1.0f);
+    first.accelerator.save_state(dir);
+  }
+  Small second(single(), 5.0f);  // other weights, other momentum
+  second.accelerator.load_state(dir);
+  EXPECT_TRUE(same(second.linear->weight.detach(), at::full({2, 4}, 1.0f - 0.1f)));
+  EXPECT_TRUE(same(second.linear->bias.detach(), at::full({2}, -1.0f - 0.1f)));
+  auto saved = accelerate::optimizer_state_dict(*second.sgd);
+  bool found = false;
+  for (const auto& [name, tensor] : saved.tensors) {
+    if (name == "state.0.momentum_buffer") {
+      found = true;
+      EXPECT_TRUE(same(tensor, at::ones({2, 4})));
+    }
+  }
+  EXPECT_TRUE(found);
+}
+
+TEST(CheckpointState, AutomaticNamingCountsAndKeepsTotalLimit) {
+  TempDir tmp;
+  const auto checkpoints = tmp.path() / "checkpoints";
+  {
+    Small run(automatic(tmp.path(), 2));
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(run.accelerator.save_iteration(), i);
+      EXPECT_EQ(run.accelerator.save_state(),
+                (checkpoints / ("checkpoint_" + std::to_string(i))).string());
+    }
+    EXPECT_EQ(run.accelerator.save_iteration(), 4);
+    EXPECT_EQ(files_in(checkpoints), (std::set<std::string>{"checkpoint_2", "checkpoint_3"}));
+    EXPECT_ERROR_CONTAINS(run.accelerator.save_state((tmp.path() / "x").string()),
+                          "call save_state() without one");
+    run.accelerator.set_save_iteration(3);
+    EXPECT_ERROR_CONTAINS(run.accelerator.save_state(), "already exists");
+  }
+  // Leftovers of crashed saves and foreign directories are never picked.
+  fs::create_directories(checkpoints / "checkpoint_9");
+  fs::create_directories(checkpoints / ".checkpoint_8.partial");
+  fs::create_directories(checkpoints / "checkpoint_x");
+  EXPECT_EQ(accelerate::latest_checkpoint(checkpoints.string()),
+            (checkpoints / "checkpoint_3").string());
+  Small resumed(automatic(tmp.path(), 2), 3.0f);
+  EXPECT_EQ(resumed.accelerator.load_state(), (checkpoints / "checkpoint_3").string());
+  EXPECT_EQ(resumed.accelerator.save_iteration(), 4);
+  EXPECT_TRUE(same(resumed.linear->bias.detach(), at::full({2}, -1.0f - 0.1f)));
+}
+
+TEST(CheckpointState, SavingOverACheckpointReplacesIt) {
+  TempDir tmp;
+  const auto dir = (tmp.path() / "ckpt").string();
+  Small run(single(), 1.0f);
+  run.accelerator.save_state(dir);
+  {
+    torch::NoGradGuard no_grad;
+    run.linear->weight.fill_(42);
+  }
+  run.accelerator.save_state(dir);
+  auto weights = accelerate::safetensors::load_file(dir + "/model.safetensors");
+  EXPECT_TRUE(same(weights.get("weight"), at::full({2, 4}, 42.0f)));
+  EXPECT_EQ(files_in(tmp.path()), std::set<std::string>{"ckpt"});
+}
+
+TEST(CheckpointState, HooksSeeTheModelsAndCanBeRemoved) {
+  TempDir tmp;
+  const auto dir = (tmp.path() / "ckpt").string();
+  Small run(single());
+  int saves = 0;
+  auto handle = run.accelerator.register_save_state_pre_hook(
+      [&](std::vector<std::shared_ptr<torch::nn::Module>>& models,
+          std::vector<accelerate::NamedTensors>& weights, const std::string& output_dir) {
+        ++saves;
+        EXPECT_EQ(models.size(), 1u);
+        EXPECT_EQ(models[0].get(), run.linear.ptr().get());
+        EXPECT_EQ(weights[0].size(), 2u);
+        EXPECT_TRUE(fs::is_directory(output_dir));
+        // Saves the model itself: Accelerate's pattern for custom formats.
+        models.clear();
+        weights.clear();
+      });
+  run.accelerator.save_state(dir);
+  EXPECT_EQ(saves, 1);
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors"));
+
+  int loads = 0;
+  auto load_handle = run.accelerator.register_load_state_pre_hook(
+      [&](std::vector<std::shared_ptr<torch::nn::Module>>& models, const std::string& input_dir) {
+        ++loads;
+        EXPECT_EQ(input_dir, dir);
+        models.clear();
+      });
+  run.accelerator.load_state(dir);
+  EXPECT_EQ(loads, 1);
+
+  handle.remove();
+  handle.remove();  // idempotent
+  load_handle.remove();
+  run.accelerator.save_state(dir);
+  EXPECT_EQ(saves, 1);
+  EXPECT_TRUE(fs::exists(dir + "/model.safetensors"));
+  run.accelerator.load_state(dir);
+  EXPECT_EQ(loads, 1);
+}
+
+TEST(CheckpointState, RegisteredModulesAndSchedulersComeBack) {
+  TempDir tmp;
+  const auto dir = (tmp.path() / "ckpt").string();
+  auto make = [](float fill) {
+    auto ema = std::make_shared<torch::nn::LinearImpl>(3, 3);
+    torch::NoGradGuard no_grad;
+    ema->weight.fill_(fill);
+    return ema;
+  };
+  torch::optim::SGD sgd({at::zeros({1}, at::requires_grad())}, torch::optim::SGDOptions(1.0));
+  std::shared_ptr<accelerate::LRScheduler> decay =
+      accelerate::get_linear_schedule_with_warmup(sgd, 0, 10);
+  {
+    Accelerator accelerator(single());
+    accelerator.register_for_checkpointing(make(2.5f));
+    decay->step();
+    decay->step();
+    accelerator.register_for_checkpointing(decay);
+    accelerator.save_state(dir);
+  }
+  Accelerator accelerator(single());
+  auto ema = make(0.0f);
+  accelerator.register_for_checkpointing(ema);
+  torch::optim::SGD sgd2({at::zeros({1}, at::requires_grad())}, torch::optim::SGDOptions(1.0));
+  std::shared_ptr<accelerate::LRScheduler> decay2 =
+      accelerate::get_linear_schedule_with_warmup(sgd2, 0, 10);
+  accelerator.register_for_checkpointing(decay2);
+  accelerator.load_state(dir);
+  EXPECT_TRUE(same(ema->weight.detach(), at::full({3, 3}, 2.5f)));
+  EXPECT_EQ(decay2->state_dict(), decay->state_dict());
+  EXPECT_EQ(decay2->last_epoch(), 2);
+}
+
+TEST(CheckpointState, SaveWritesOnTheMainProcessAtomically) {
+  TempDir tmp;
+  Accelerator accelerator(single());
+  const auto path = (tmp.path() / "sub" / "x.safetensors").string();
+  EXPECT_TRUE(accelerator.save({{"x", at::arange(4)}}, path, {{"note", "hi"}}));
+  auto file = accelerate::safetensors::load_file(path);
+  EXPECT_TRUE(same(file.get("x"), at::arange(4)));
+  EXPECT_EQ(file.metadata.at("note"), "hi");
+
+  const auto pt = (tmp.path() / "t.pt").string();
+  EXPECT_TRUE(accelerator.save(at::arange(3), pt));
+  at::Tensor back;
+  torch::load(back, pt);
+  EXPECT_TRUE(same(back, at::arange(3)));
+  EXPECT_EQ(files_in(tmp.path()), (std::set<std::string>{"sub", "t.pt"}));
+
+  torch::nn::Linear linear(2, 2);
+  auto written = accelerator.save_model(*linear, (tmp.path() / "model").string());
+  EXPECT_EQ(written.size(), 1u);
+  EXPECT_TRUE(fs::exists(tmp.path() / "model" / "model.safetensors"));
+}
+
+TEST(CheckpointState, RefusalsNameTheProblemAndChangeNothing) {
+  TempDir tmp;
+  const auto dir = tmp.path() / "ckpt";
+  {
+    Small run(single(), 1.0f);
+    EXPECT_ERROR_CONTAINS(run.accelerator.save_state(), "save_state needs a directory");
+    EXPECT_ERROR_CONTAINS(run.accelerator.load_state(), "load_state needs a directory");
+    run.accelerator.save_state(dir.string());
+
+    // A directory with other files is never replaced.
+    fs::create_directories(tmp.path() / "mine");
+    std::ofstream(tmp.path() / "mine" / "notes.txt") << "keep me";
+    EXPECT_ERROR_CONTAINS(run.accelerator.save_state((tmp.path() / "mine").string()),
+                          "is not a checkpoint; refusing to replace");
+    EXPECT_EQ(accelerate::testing::read_text_file(tmp.path() / "mine" / "notes.txt"), "keep me");
+  }
+  Small other(single(), 7.0f);
+  auto unchanged = [&] {
+    EXPECT_TRUE(same(other.linear->weight.detach(), at::full({2, 4}, 7.0f - 0.1f)));
+  };
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state((tmp.path() / "nowhere").string()),
+                        "is not a directory");
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state((tmp.path() / "mine").string()),
+                        "is not a complete checkpoint");
+
+  const auto marker = dir / accelerate::kCheckpointMarkerName;
+  const auto original = accelerate::testing::read_text_file(marker);
+  auto edit = [&](const std::function<void(nlohmann::ordered_json&)>& change) {
+    auto j = nlohmann::ordered_json::parse(original);
+    change(j);
+    std::ofstream(marker, std::ios::trunc) << j.dump();
+  };
+  edit([](auto& j) { j["world_size"] = 2; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()),
+                        "was saved by 2 process(es) and this run has 1");
+  edit([](auto& j) { j["num_optimizers"] = 2; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()),
+                        "holds 2 optimizer(s), this Accelerator has 1");
+  edit([](auto& j) { j["format_version"] = 99; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()), "format version 99");
+  edit([](auto& j) { j["files"]["model.safetensors"] = 3; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()), "the checkpoint recorded 3");
+  edit([](auto& j) { j["files"]["gone.bin"] = 3; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()), "lists gone.bin");
+  edit([](auto& j) { j.erase("step"); });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()), "lacks \"step\"");
+  std::ofstream(marker, std::ios::trunc) << "{not json";
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()), "is not valid JSON");
+  unchanged();
+
+  std::ofstream(marker, std::ios::trunc) << original;
+  other.accelerator.load_state(dir.string());
+  EXPECT_TRUE(same(other.linear->weight.detach(), at::full({2, 4}, 1.0f - 0.1f)));
+
+  // Fewer prepared objects than saved.
+  Accelerator bare(single());
+  EXPECT_ERROR_CONTAINS(bare.load_state(dir.string()),
+                        "holds 1 optimizer(s), this Accelerator has 0");
+  EXPECT_ERROR_CONTAINS(
+      bare.register_for_checkpointing(std::shared_ptr<accelerate::Checkpointable>()),
+      "null object");
+}
+
+}  // namespace
