@@ -7,7 +7,8 @@ packages=(
   libgloo-dev                      # headers that c10d's ProcessGroupGloo.hpp includes
   libopenblas0-pthread             # fast BLAS: LibTorch otherwise uses the slow reference BLAS
   libcli11-dev                     # the `accelerate` command line
-  nlohmann-json3-dev               # safetensors headers (JSON)
+  nlohmann-json3-dev               # safetensors headers, checkpoint markers (JSON)
+  libyaml-cpp-dev                  # `accelerate config` files (YAML, as Python Accelerate writes them)
   libgtest-dev                     # tests
   clang-format                     # formatting check in CI
 )

@@ -135,6 +135,13 @@ AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options,
   TORCH_CHECK(!(options.scaler_kwargs && c.mixed_precision != MixedPrecision::FP16),
               "accelerate: scaler_kwargs only apply to mixed_precision=\"fp16\", but it is \"",
               to_string(c.mixed_precision), "\"");
+  if (auto v = env_int(env, "ACCELERATE_RESTART_COUNT")) {
+    TORCH_CHECK(*v >= 0, "accelerate: ACCELERATE_RESTART_COUNT must be >= 0, got ", *v);
+    c.restart_count = *v;
+    src["restart_count"] = "environment";
+  } else {
+    src["restart_count"] = "default";
+  }
   return c;
 }
 
@@ -158,6 +165,7 @@ std::string AcceleratorConfig::describe() const {
   line("even_batches", even_batches ? "true" : "false");
   line("use_seedable_sampler", use_seedable_sampler ? "true" : "false");
   line("step_scheduler_with_optimizer", step_scheduler_with_optimizer ? "true" : "false");
+  line("restart_count", restart_count);
   return out.str();
 }
 
@@ -280,6 +288,7 @@ Accelerator::Accelerator(const AcceleratorOptions& options)
                 device.str(), "; use \"bf16\" on the CPU");
     core.scaler = std::make_unique<GradScaler>(c.scaler_kwargs);
   }
+  if (c.project_config.automatic_checkpoint_naming && c.restart_count > 0) begin_auto_resume();
 }
 
 void Accelerator::prepare_module(const std::shared_ptr<torch::nn::Module>& module,
@@ -293,6 +302,7 @@ void Accelerator::prepare_module(const std::shared_ptr<torch::nn::Module>& modul
     if (m.get() == module.get()) return;  // prepared before
   }
   core.models.push_back(module);
+  resume_next(ResumeKind::kModel);
   if (options.evaluation_mode || !core.state->use_distributed()) return;
   bool trainable = false;
   for (const auto& p : module->parameters()) trainable = trainable || p.requires_grad();
@@ -310,6 +320,7 @@ void Accelerator::remember_optimizer(torch::optim::Optimizer* optimizer,
   slot->optimizer = optimizer;
   slot->owner = std::move(owner);
   core_->optimizers.push_back(std::move(slot));
+  resume_next(ResumeKind::kOptimizer);
 }
 
 AcceleratedOptimizer Accelerator::prepare_optimizer(torch::optim::Optimizer& optimizer) {
@@ -333,6 +344,7 @@ AcceleratedScheduler Accelerator::prepare_scheduler(std::shared_ptr<LRScheduler>
   if (std::find(core_->schedulers.begin(), core_->schedulers.end(), scheduler) ==
       core_->schedulers.end()) {
     core_->schedulers.push_back(scheduler);
+    resume_next(ResumeKind::kScheduler);
   }
   return AcceleratedScheduler(std::move(scheduler), core_);
 }
@@ -365,6 +377,7 @@ void Accelerator::do_sync() {
 }
 
 void Accelerator::backward(const at::Tensor& loss, const BackwardOptions& options) {
+  if (core_->resume) end_auto_resume();
   at::Tensor scaled = loss;
   const auto steps = core_->config.gradient_accumulation.num_steps;
   if (steps > 1) scaled = scaled / static_cast<double>(steps);

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -360,6 +361,19 @@ void set_generator_state(at::Generator gen, const at::Tensor& state) {
   gen.set_state(state.contiguous());
 }
 
+// Puts back the generator states of a random_states file.
+void restore_generators(const safetensors::SafetensorsFile& mine) {
+  set_generator_state(at::detail::getDefaultCPUGenerator(), mine.get("torch_manual_seed"));
+  if (!torch::cuda::is_available()) return;
+  for (size_t i = 0; i < torch::cuda::device_count(); ++i) {
+    const std::string key = "torch_cuda_manual_seed." + std::to_string(i);
+    if (mine.contains(key)) {
+      set_generator_state(at::detail::getCUDAHooks().getDefaultCUDAGenerator(static_cast<int>(i)),
+                          mine.get(key));
+    }
+  }
+}
+
 std::vector<uint8_t> bytes_of(const at::Tensor& t) {
   auto c = t.contiguous();
   const auto* p = c.data_ptr<uint8_t>();
@@ -465,16 +479,19 @@ std::vector<std::string> Accelerator::save_model(const torch::nn::Module& model,
 void Accelerator::register_for_checkpointing(std::shared_ptr<Checkpointable> object) {
   TORCH_CHECK(object, "accelerate: register_for_checkpointing was given a null object");
   core_->custom_objects.push_back(std::move(object));
+  resume_next(ResumeKind::kCustomObject);
 }
 
 void Accelerator::register_for_checkpointing(std::shared_ptr<torch::nn::Module> module) {
   TORCH_CHECK(module, "accelerate: register_for_checkpointing was given a null module");
   core_->custom_objects.push_back(std::make_shared<ModuleObject>(std::move(module)));
+  resume_next(ResumeKind::kCustomObject);
 }
 
 void Accelerator::register_for_checkpointing(std::shared_ptr<LRScheduler> scheduler) {
   TORCH_CHECK(scheduler, "accelerate: register_for_checkpointing was given a null scheduler");
   core_->custom_objects.push_back(std::make_shared<SchedulerObject>(std::move(scheduler)));
+  resume_next(ResumeKind::kCustomObject);
 }
 
 RemovableHandle Accelerator::register_save_state_pre_hook(SaveStatePreHook hook) {
@@ -500,6 +517,7 @@ RemovableHandle Accelerator::register_load_state_pre_hook(LoadStatePreHook hook)
 }
 
 std::string Accelerator::save_state(const std::string& output_dir) {
+  if (core_->resume) end_auto_resume();
   auto& core = *core_;
   auto& project = core.config.project_config;
   const auto& state = *core.state;
@@ -651,6 +669,7 @@ std::string Accelerator::save_state(const std::string& output_dir) {
 }
 
 std::string Accelerator::load_state(const std::string& input_dir) {
+  core_->resume.reset();  // an explicit load replaces whatever a restart restored
   auto& core = *core_;
   auto& project = core.config.project_config;
   const auto& state = *core.state;
@@ -753,20 +772,156 @@ std::string Accelerator::load_state(const std::string& input_dir) {
       object.metadata = std::move(file.metadata);
       core.custom_objects[i]->load_state_dict(object);
     }
-    set_generator_state(at::detail::getDefaultCPUGenerator(), mine.get("torch_manual_seed"));
-    if (torch::cuda::is_available()) {
-      for (size_t i = 0; i < torch::cuda::device_count(); ++i) {
-        const std::string key = "torch_cuda_manual_seed." + std::to_string(i);
-        if (!mine.contains(key)) continue;
-        set_generator_state(at::detail::getCUDAHooks().getDefaultCUDAGenerator(static_cast<int>(i)),
-                            mine.get(key));
-      }
-    }
+    restore_generators(mine);
     for (size_t i = 0; i < core.loaders.size(); ++i) core.loaders[i].set_position(positions[i]);
     core.step = step;
   });
   if (picked) project.iteration = *picked + 1;
   return dir.string();
+}
+
+// ---------------------------------------------------------------------- restarts
+
+namespace detail {
+
+struct AutoResume {
+  fs::path dir;
+  CheckpointInfo info;
+  safetensors::SafetensorsFile mine;
+  std::vector<data::LoaderPosition> positions;
+  std::map<int, int64_t> restored;  // ResumeKind -> objects restored so far
+};
+
+}  // namespace detail
+
+void Accelerator::begin_auto_resume() {
+  auto& core = *core_;
+  const auto& state = *core.state;
+  const fs::path root =
+      normalized((fs::path(core.config.project_config.project_dir) / kCheckpointsFolder).string());
+  std::string name;
+  on_all_processes(state, "restart", [&] {
+    if (process_index() != 0) return;
+    if (auto latest = latest_checkpoint(root.string()))
+      name = fs::path(*latest).filename().string();
+  });
+  if (state.use_distributed()) name = detail::broadcast_bytes(state, "restart", name, 0);
+  if (name.empty()) {
+    if (is_main_process()) {
+      std::cerr << "accelerate: restart " << core.config.restart_count
+                << ": no complete checkpoint under " << root << " yet; starting from the beginning"
+                << std::endl;
+    }
+    return;
+  }
+  auto resume = std::make_shared<detail::AutoResume>();
+  resume->dir = root / name;
+  on_all_processes(state, "restart", [&] {
+    resume->info = read_checkpoint_info(resume->dir.string());
+    TORCH_CHECK(resume->info.world_size == num_processes(), "accelerate: restart: ", resume->dir,
+                " was saved by ", resume->info.world_size, " process(es) and this run has ",
+                num_processes());
+    const fs::path rank_file = resume->dir / (std::string(kRngStateName) + "_" +
+                                              std::to_string(process_index()) + ".safetensors");
+    resume->mine = safetensors::load_file(rank_file.string());
+    const auto& meta = resume->mine.metadata;
+    auto meta_int = [&](const std::string& key) {
+      auto it = meta.find(key);
+      TORCH_CHECK(it != meta.end(), "accelerate: restart: ", rank_file, " lacks \"", key, "\"");
+      return parse_int(it->second, rank_file.string() + " \"" + key + "\"");
+    };
+    const int64_t loaders = meta_int("num_data_loaders");
+    for (int64_t i = 0; i < loaders; ++i) {
+      const std::string key = "dataloader_" + std::to_string(i);
+      data::LoaderPosition pos;
+      pos.epoch = meta_int(key + ".epoch");
+      pos.batches_yielded = meta_int(key + ".batches_yielded");
+      pos.sampler_state = bytes_of(resume->mine.get(key + ".sampler_state"));
+      resume->positions.push_back(std::move(pos));
+    }
+    core.step = meta_int("step");
+    if (core.scaler && resume->info.has_scaler) {
+      const auto file = resume->dir / kScalerName;
+      core.scaler->load_state_dict(scaler_from_json(read_text(file), file.string()));
+    }
+  });
+  core.config.project_config.iteration =
+      std::stoll(name.substr(std::string(kCheckpointPrefix).size())) + 1;
+  core.resume = std::move(resume);
+  if (is_main_process()) {
+    std::cerr << "accelerate: restart " << core.config.restart_count << ": resuming from "
+              << core.resume->dir << std::endl;
+  }
+}
+
+void Accelerator::resume_next(ResumeKind kind) {
+  auto& core = *core_;
+  if (!core.resume) return;
+  auto& resume = *core.resume;
+  const int64_t index = resume.restored[static_cast<int>(kind)]++;
+  const auto& info = resume.info;
+  const auto& dir = resume.dir;
+  auto check = [&](const char* what, int64_t saved) {
+    TORCH_CHECK(index < saved, "accelerate: restart: ", dir, " holds ", saved, " ", what,
+                ", and this run prepares more; prepare the same objects as the run that saved it");
+  };
+  const auto i = static_cast<size_t>(index);
+  switch (kind) {
+    case ResumeKind::kModel:
+      check("model(s)", info.num_models);
+      load_checkpoint_in_model(*core.models[i],
+                               (dir / indexed_file_name(kModelName, i, ".safetensors")).string(),
+                               {.strict = true});
+      break;
+    case ResumeKind::kOptimizer:
+      check("optimizer(s)", info.num_optimizers);
+      load_optimizer_state(*core.optimizers[i]->optimizer,
+                           (dir / indexed_file_name(kOptimizerName, i, ".safetensors")).string());
+      break;
+    case ResumeKind::kScheduler: {
+      check("scheduler(s)", info.num_schedulers);
+      const auto file = dir / indexed_file_name(kSchedulerName, i, ".json");
+      core.schedulers[i]->load_state_dict(scheduler_from_json(read_text(file), file.string()));
+      break;
+    }
+    case ResumeKind::kDataLoader:
+      check("data loader(s)", static_cast<int64_t>(resume.positions.size()));
+      core.loaders[i].set_position(resume.positions[i]);
+      break;
+    case ResumeKind::kCustomObject: {
+      check("registered object(s)", info.num_custom_objects);
+      auto file = safetensors::load_file(
+          (dir / (std::string(kCustomCheckpointName) + "_" + std::to_string(i) + ".safetensors"))
+              .string());
+      ObjectState object;
+      for (auto& [name, tensor] : file.tensors) object.tensors.emplace_back(name, tensor.clone());
+      object.metadata = std::move(file.metadata);
+      core.custom_objects[i]->load_state_dict(object);
+      break;
+    }
+  }
+  // Building the next objects may draw random numbers; the state after the last restore is the
+  // saved one, as training expects.
+  restore_generators(resume.mine);
+}
+
+void Accelerator::end_auto_resume() {
+  auto resume = std::move(core_->resume);
+  core_->resume.reset();
+  if (!resume) return;
+  const auto& info = resume->info;
+  auto check = [&](ResumeKind kind, const char* what, int64_t saved) {
+    const int64_t got = resume->restored[static_cast<int>(kind)];
+    TORCH_CHECK(got == saved, "accelerate: restart: ", resume->dir, " holds ", saved, " ", what,
+                " but ", got,
+                " were prepared before training went on; prepare (and register) everything "
+                "before the first backward()");
+  };
+  check(ResumeKind::kModel, "model(s)", info.num_models);
+  check(ResumeKind::kOptimizer, "optimizer(s)", info.num_optimizers);
+  check(ResumeKind::kScheduler, "scheduler(s)", info.num_schedulers);
+  check(ResumeKind::kDataLoader, "data loader(s)", static_cast<int64_t>(resume->positions.size()));
+  check(ResumeKind::kCustomObject, "registered object(s)", info.num_custom_objects);
 }
 
 }  // namespace accelerate

@@ -156,6 +156,10 @@ struct AcceleratorConfig {
   GradScalerKwargs scaler_kwargs;
   AutocastKwargs autocast_kwargs;
   InitProcessGroupKwargs init_kwargs;
+  /// Times `accelerate launch --max_restarts` restarted the job (`ACCELERATE_RESTART_COUNT`).
+  /// With automatic_checkpoint_naming, a restarted run resumes from the latest checkpoint by
+  /// itself (see Accelerator).
+  int64_t restart_count = 0;
   /// Field name -> "argument", "environment" or "default".
   std::map<std::string, std::string> sources;
 
@@ -201,6 +205,9 @@ struct LoaderSlot {
   std::function<void(const data::LoaderPosition&)> set_position;
 };
 
+/// What a restarted run restores as its objects are prepared (checkpoint_state.cpp).
+struct AutoResume;
+
 struct CheckpointHooks {
   int next_id = 0;
   std::map<int, SaveStatePreHook> save;
@@ -220,6 +227,7 @@ struct AcceleratorCore {
   std::vector<LoaderSlot> loaders;
   std::vector<std::shared_ptr<Checkpointable>> custom_objects;
   std::shared_ptr<CheckpointHooks> hooks = std::make_shared<CheckpointHooks>();
+  std::shared_ptr<AutoResume> resume;  // set while a restarted run restores
 
   GradientSynchronizer* synchronizer(const torch::nn::Module* module) const;
   void unscale(OptimizerSlot& slot);
@@ -328,6 +336,15 @@ struct PrepareModelOptions {
 };
 
 /// See the file comment.
+///
+/// Restarts: when `accelerate launch --max_restarts` restarts a failed job
+/// (ACCELERATE_RESTART_COUNT > 0) and project_config.automatic_checkpoint_naming is on, the
+/// Accelerator resumes from the latest complete checkpoint by itself: each model, optimizer,
+/// scheduler, data loader and registered object gets its saved state as it is prepared or
+/// registered (in the same order as in the run that saved), and the generator states are
+/// restored after each, so the program needs no resume code of its own. Write the training loop
+/// over state that is restored (a prepared loader's iteration(), a registered step counter).
+/// The first backward() ends the restoring; every saved object must have been prepared by then.
 class Accelerator {
  public:
   explicit Accelerator(const AcceleratorOptions& options = {});
@@ -377,6 +394,7 @@ class Accelerator {
     core_->loaders.push_back(
         {[prepared] { return prepared.position(); },
          [prepared](const data::LoaderPosition& p) mutable { prepared.set_position(p); }});
+    resume_next(ResumeKind::kDataLoader);
     return prepared;
   }
   template <class Batch>
@@ -656,6 +674,10 @@ class Accelerator {
     }
   }
 
+  enum class ResumeKind { kModel, kOptimizer, kScheduler, kDataLoader, kCustomObject };
+  void begin_auto_resume();
+  void resume_next(ResumeKind kind);
+  void end_auto_resume();
   bool is_saving_process() const;
   static void write_atomically(const std::string& path,
                                const std::function<void(const std::string&)>& write);

@@ -154,6 +154,14 @@ class TempDir {
   std::filesystem::path path_;
 };
 
+/// An empty directory, removed when the test program exits: the HF_HOME that commands started
+/// by the tests see unless a test sets its own, so a developer's `accelerate config` file cannot
+/// change the results (and a command that writes the default config writes it here).
+inline std::string isolated_hf_home() {
+  static TempDir dir;
+  return dir.path().string();
+}
+
 /// Whole contents of a file, or "" when it cannot be read.
 inline std::string read_text_file(const std::filesystem::path& path) {
   std::ifstream in(path);
@@ -185,6 +193,12 @@ class ChildProcess {
       if (!drop) env_strings.push_back(entry);
     }
     for (const auto& [name, value] : extra_env) env_strings.push_back(name + "=" + value);
+    // A developer's own `accelerate config` file must not change what the tests see: unless the
+    // test chooses one, HF_HOME points where no config file is.
+    if (extra_env.count("HF_HOME") == 0) {
+      std::erase_if(env_strings, [](const std::string& e) { return e.rfind("HF_HOME=", 0) == 0; });
+      env_strings.push_back("HF_HOME=" + isolated_hf_home());
+    }
     std::vector<char*> envp;
     for (auto& s : env_strings) envp.push_back(s.data());
     envp.push_back(nullptr);

@@ -81,6 +81,46 @@ TEST_P(ResumeThroughLauncher, ResumedRunEqualsTheUninterruptedOneBitForBit) {
 INSTANTIATE_TEST_SUITE_P(Launch, ResumeThroughLauncher, ::testing::Values(1, 2),
                          [](const auto& info) { return std::to_string(info.param) + "Processes"; });
 
+// The promise for long runs: rank 1 is SIGKILLed mid-run (after step 13; the last
+// checkpoint is from step 10), `accelerate launch --max_restarts 3` restarts both workers, the
+// program resumes by itself, and the final weights are those of a run that never crashed.
+TEST(CheckpointRestart, AKilledRankIsRestartedAndTheRunEndsWithTheUninterruptedWeights) {
+  TempDir tmp;
+  const auto straight = (tmp.path() / "straight.safetensors").string();
+  const auto restarted = (tmp.path() / "restarted.safetensors").string();
+  auto r = launch(2, {"train", "--steps", "23", "--out", straight});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run_command({cli_path(),
+                   "launch",
+                   "-n",
+                   "2",
+                   "--max_restarts",
+                   "3",
+                   worker_path("checkpoint_worker"),
+                   "train",
+                   "--steps",
+                   "23",
+                   "--auto",
+                   "--dir",
+                   (tmp.path() / "project").string(),
+                   "--save-every",
+                   "5",
+                   "--kill-rank",
+                   "1",
+                   "--kill-at",
+                   "13",
+                   "--out",
+                   restarted},
+                  kTimeout, {{"OMP_NUM_THREADS", "1"}}, kLaunchVariables);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("restart 1: resuming from"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("checkpoint_1"), std::string::npos) << r.output;
+  auto a = accelerate::safetensors::load_file(straight);
+  auto b = accelerate::safetensors::load_file(restarted);
+  ASSERT_EQ(a.names(), b.names());
+  for (const auto& name : a.names()) EXPECT_TRUE(same(b.get(name), a.get(name))) << name;
+}
+
 // The last "saved <c> <ms>" line of `output`: {c, ms}, or {-1, 0}.
 std::pair<int64_t, double> last_saved(const std::string& output) {
   std::pair<int64_t, double> out{-1, 0.0};

@@ -1,7 +1,8 @@
 // `accelerate launch` as a user sees it: real processes, real signals. The workers are
 // launch_probe (tests/launch/workers/launch_probe.cpp), which reports its environment and
 // arguments and fails on request; each one costs ~0.6 s of CPU to start because it links LibTorch,
-// so the tests keep the number of workers small.
+// so the tests keep the number of workers small. Every launch here gets an empty HF_HOME, so that a
+// default config file on the machine running the tests cannot change what the workers see.
 
 #include <gtest/gtest.h>
 
@@ -54,7 +55,12 @@ const std::vector<std::string> kInheritedVariables = {"RANK",
                                                       "MKL_NUM_THREADS",
                                                       "GLIBC_TUNABLES",
                                                       "MALLOC_MMAP_THRESHOLD_",
-                                                      "MALLOC_TRIM_THRESHOLD_"};
+                                                      "MALLOC_TRIM_THRESHOLD_",
+                                                      "CUDA_VISIBLE_DEVICES",
+                                                      "ACCELERATE_RESTART_COUNT",
+                                                      "TORCHELASTIC_RESTART_COUNT",
+                                                      "TORCHELASTIC_MAX_RESTARTS",
+                                                      "XDG_CACHE_HOME"};
 
 std::string probe() {
   return worker_path("launch_probe");
@@ -65,9 +71,16 @@ std::vector<std::string> launch(std::vector<std::string> args) {
   return args;
 }
 
+// HF_HOME for every launch: a directory with no accelerate/default_config.yaml in it.
+std::map<std::string, std::string> isolated(std::map<std::string, std::string> env = {}) {
+  static const TempDir empty_hf_home;
+  env.emplace("HF_HOME", empty_hf_home.path().string());
+  return env;
+}
+
 RunResult run_launch(std::vector<std::string> args,
                      const std::map<std::string, std::string>& env = {}) {
-  return run_command(launch(std::move(args)), kTimeout, env, kInheritedVariables);
+  return run_command(launch(std::move(args)), kTimeout, isolated(env), kInheritedVariables);
 }
 
 bool contains(const std::string& text, const std::string& part) {
@@ -244,7 +257,7 @@ TEST(LaunchEnvironment, TwoMachinesOnOneHostNumberRanksAcrossMachines) {
     launchers.push_back(ChildProcess::start(
         launch({"-n", "2", "--num_machines", "2", "--machine_rank", machine_rank,
                 "--main_process_port", port, probe(), "--print-env"}),
-        {}, kInheritedVariables));
+        isolated(), kInheritedVariables));
   }
   std::map<int, std::map<std::string, std::string>> ranks;
   for (auto& launcher : launchers) {
@@ -267,8 +280,9 @@ TEST(LaunchEnvironment, ConcurrentLaunchesGetDifferentPorts) {
   std::vector<ChildProcess> launchers;
   for (int i = 0; i < 2; ++i) {
     // The workers linger so that the two jobs overlap, as two users' jobs would.
-    launchers.push_back(ChildProcess::start(
-        launch({"-n", "2", probe(), "--print-env", "--sleep", "0.5"}), {}, kInheritedVariables));
+    launchers.push_back(
+        ChildProcess::start(launch({"-n", "2", probe(), "--print-env", "--sleep", "0.5"}),
+                            isolated(), kInheritedVariables));
   }
   std::vector<std::string> ports;
   for (auto& launcher : launchers) {
@@ -380,7 +394,7 @@ TEST_P(LaunchSignal, SignalToLauncherStopsEveryWorker) {
   TempDir pids;
   auto launcher =
       ChildProcess::start(launch({"-n", "2", probe(), "--pid-dir", pids.path(), "--sleep", "60"}),
-                          {}, kInheritedVariables);
+                          isolated(), kInheritedVariables);
   ASSERT_TRUE(wait_until([&] { return pid_file_count(pids.path()) == 2; }, kTimeout));
   const auto signalled = std::chrono::steady_clock::now();
   ASSERT_EQ(::kill(launcher.pid(), sig), 0);
@@ -402,7 +416,7 @@ TEST(LaunchFailure, KilledLauncherTakesItsWorkersAlong) {
   TempDir pids;
   auto launcher =
       ChildProcess::start(launch({"-n", "2", probe(), "--pid-dir", pids.path(), "--sleep", "60"}),
-                          {}, kInheritedVariables);
+                          isolated(), kInheritedVariables);
   ASSERT_TRUE(wait_until([&] { return pid_file_count(pids.path()) == 2; }, kTimeout));
   ASSERT_EQ(::kill(launcher.pid(), SIGKILL), 0);
   auto r = launcher.wait(std::chrono::seconds(10));
@@ -411,6 +425,147 @@ TEST(LaunchFailure, KilledLauncherTakesItsWorkersAlong) {
     EXPECT_TRUE(wait_until([&] { return !process_running(pid); }, std::chrono::seconds(5)))
         << "worker " << pid << " outlived its launcher";
   }
+}
+
+// ---------------------------------------------------------------- config file
+
+// What Python Accelerate's `accelerate config` writes for a 3-process CPU job, keys it alone
+// understands included: they must be accepted without a word.
+std::string python_config(int port) {
+  return "compute_environment: LOCAL_MACHINE\n"
+         "debug: false\n"
+         "distributed_type: MULTI_CPU\n"
+         "downcast_bf16: 'no'\n"
+         "enable_cpu_affinity: false\n"
+         "machine_rank: 0\n"
+         "main_process_ip: 127.0.0.1\n"
+         "main_process_port: " +
+         std::to_string(port) +
+         "\n"
+         "main_training_function: main\n"
+         "mixed_precision: bf16\n"
+         "num_machines: 1\n"
+         "num_processes: 3\n"
+         "rdzv_backend: static\n"
+         "same_network: true\n"
+         "tpu_env: []\n"
+         "tpu_use_cluster: false\n"
+         "tpu_use_sudo: false\n"
+         "use_cpu: false\n";
+}
+
+std::filesystem::path write_file(const std::filesystem::path& path, const std::string& text) {
+  std::filesystem::create_directories(path.parent_path());
+  std::ofstream(path) << text;
+  return path;
+}
+
+TEST(LaunchConfigFile, SuppliesEverySettingNoFlagGives) {
+  TempDir dir;
+  const int port = free_port();
+  const auto config = write_file(dir.path() / "cpu.yaml", python_config(port));
+  auto r = run_launch({"--config_file", config.string(), probe(), "--print-env"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(contains(r.output, "warning")) << r.output;
+  auto ranks = reports_by_rank(r.output);
+  ASSERT_EQ(ranks.size(), 3u) << r.output;
+  for (const auto& [rank, env] : ranks) {
+    EXPECT_EQ(env.at("WORLD_SIZE"), "3") << "rank " << rank;
+    EXPECT_EQ(env.at("ACCELERATE_MIXED_PRECISION"), "bf16") << "rank " << rank;
+    // distributed_type MULTI_CPU means --cpu even though use_cpu says false.
+    EXPECT_EQ(env.at("ACCELERATE_USE_CPU"), "true") << "rank " << rank;
+    EXPECT_EQ(env.at("MASTER_PORT"), std::to_string(port)) << "rank " << rank;
+    EXPECT_EQ(env.at("ACCELERATE_DEBUG_MODE"), "<unset>") << "rank " << rank;
+  }
+}
+
+TEST(LaunchConfigFile, FlagsOverrideIt) {
+  TempDir dir;
+  const auto config = write_file(dir.path() / "cpu.yaml", python_config(free_port()));
+  const std::string port = std::to_string(free_port());
+  auto r = run_launch({"--config_file", config.string(), "-n", "2", "--mixed_precision", "fp16",
+                       "--main_process_port", port, probe(), "--print-env"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto ranks = reports_by_rank(r.output);
+  ASSERT_EQ(ranks.size(), 2u) << r.output;
+  for (const auto& [rank, env] : ranks) {
+    EXPECT_EQ(env.at("WORLD_SIZE"), "2") << "rank " << rank;
+    EXPECT_EQ(env.at("ACCELERATE_MIXED_PRECISION"), "fp16") << "rank " << rank;
+    EXPECT_EQ(env.at("MASTER_PORT"), port) << "rank " << rank;
+    EXPECT_EQ(env.at("ACCELERATE_USE_CPU"), "true") << "rank " << rank;
+  }
+}
+
+TEST(LaunchConfigFile, DebugShowsWhereEachSettingCameFrom) {
+  TempDir dir;
+  const auto config = write_file(dir.path() / "cpu.yaml", python_config(free_port()));
+  for (const char* flag : {"--debug", "-v"}) {
+    auto r = run_launch({"--config_file", config.string(), flag, "-n", "2", probe()});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const std::string from_file = " (config file " + config.string() + ")";
+    for (const std::string& line :
+         {"config_file = " + config.string() + " (flag)", std::string("num_processes = 2 (flag)"),
+          "mixed_precision = bf16" + from_file, "cpu = true" + from_file,
+          "distributed_type = MULTI_CPU" + from_file, std::string("debug = true (flag)"),
+          std::string("gradient_accumulation_steps = (not set) (default)"),
+          std::string("max_restarts = 0 (default)"),
+          std::string("monitor_interval = 100 ms (default)")}) {
+      EXPECT_TRUE(contains(r.output, "accelerate launch: " + line + "\n"))
+          << flag << ": " << line << "\n"
+          << r.output;
+    }
+  }
+}
+
+TEST(LaunchConfigFile, DefaultFileUnderHfHomeIsReadWithoutTheFlag) {
+  TempDir hf_home;
+  const auto default_config = write_file(hf_home.path() / "accelerate" / "default_config.yaml",
+                                         "compute_environment: LOCAL_MACHINE\n"
+                                         "distributed_type: MULTI_CPU\n"
+                                         "mixed_precision: fp16\n"
+                                         "num_processes: 2\n"
+                                         "gpu_ids: 0,1\n");
+  const std::map<std::string, std::string> env = {{"HF_HOME", hf_home.path().string()}};
+  auto r = run_launch({"--debug", worker_path("restart_probe"), "--report"}, env);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "config_file = " + default_config.string() + " (default)"))
+      << r.output;
+  EXPECT_EQ(count_of(r.output, "restart RANK="), 2u) << r.output;
+  EXPECT_EQ(count_of(r.output, " WORLD_SIZE=2 "), 2u) << r.output;
+  EXPECT_EQ(count_of(r.output, " CUDA_VISIBLE_DEVICES=0,1 "), 2u) << r.output;
+  EXPECT_EQ(count_of(r.output, " ACCELERATE_MIXED_PRECISION=fp16\n"), 2u) << r.output;
+
+  // --config_file replaces the default file rather than adding to it.
+  TempDir dir;
+  const auto other = write_file(dir.path() / "one.yaml", "num_processes: 1\ngpu_ids: all\n");
+  auto replaced =
+      run_launch({"--config_file", other.string(), worker_path("restart_probe"), "--report"}, env);
+  ASSERT_EQ(replaced.exit_code, 0) << replaced.output;
+  EXPECT_EQ(count_of(replaced.output, "restart RANK="), 1u) << replaced.output;
+  EXPECT_TRUE(contains(replaced.output, " CUDA_VISIBLE_DEVICES=<unset> ")) << replaced.output;
+  EXPECT_TRUE(contains(replaced.output, " ACCELERATE_MIXED_PRECISION=<unset>\n"))
+      << replaced.output;
+}
+
+TEST(LaunchConfigFile, BadValueIsRefusedWithOneLineAndStatus2) {
+  TempDir dir;
+  TempDir pids;
+  for (const auto& [text, reason] : std::vector<std::pair<std::string, std::string>>{
+           {"distributed_type: MULTI_CPU\nmixed_precision: fp8\n", "fp8"},
+           {"distributed_type: MULTI_CPU\nnum_processes: 0\n", "num_processes"},
+           {"distributed_type: DEEPSPEED\n", "DEEPSPEED"},
+           // A multi-machine file refuses --max_restarts as the same flags would.
+           {"distributed_type: MULTI_CPU\nnum_machines: 2\nmain_process_port: 29500\n",
+            "elastic rendezvous"}}) {
+    const auto config = write_file(dir.path() / "bad.yaml", text);
+    auto r = run_launch({"--config_file", config.string(), "--max_restarts",
+                         contains(text, "num_machines") ? "1" : "0", probe(), "--pid-dir",
+                         pids.path().string()});
+    EXPECT_EQ(r.exit_code, 2) << text << r.output;
+    EXPECT_EQ(count_of(r.output, "\n"), 1u) << text << r.output;
+    EXPECT_TRUE(contains(r.output, reason)) << text << r.output;
+  }
+  EXPECT_EQ(pid_file_count(pids.path()), 0u) << "a worker started";
 }
 
 // ---------------------------------------------------------------- command line
@@ -440,7 +595,7 @@ TEST_P(LaunchCommandLine, IsRefusedWithOneLineAndStatus2) {
       argv.push_back(a);
     }
   }
-  auto r = run_command(argv, kTimeout, {}, kInheritedVariables);
+  auto r = run_command(argv, kTimeout, isolated(), kInheritedVariables);
   EXPECT_EQ(r.exit_code, 2) << r.output;
   ASSERT_FALSE(r.output.empty());
   EXPECT_EQ(r.output.back(), '\n') << r.output;
@@ -472,7 +627,23 @@ INSTANTIATE_TEST_SUITE_P(
         BadCommandLine{"NoSuchFile", {"launch", "/nonexistent/launch_probe"}, "/nonexistent"},
         BadCommandLine{
             "NotInPath", {"launch", "accelerate_no_such_program"}, "accelerate_no_such_program"},
-        BadCommandLine{"UnknownCommand", {"lunch", "PROBE"}, "lunch"}),
+        BadCommandLine{"UnknownCommand", {"lunch", "PROBE"}, "lunch"},
+        BadCommandLine{"MissingConfigFile",
+                       {"launch", "--config_file", "/nonexistent/accelerate.yaml", "PROBE"},
+                       "/nonexistent/accelerate.yaml"},
+        BadCommandLine{
+            "NegativeMaxRestarts", {"launch", "--max_restarts", "-1", "PROBE"}, "--max_restarts"},
+        BadCommandLine{"ZeroMonitorInterval",
+                       {"launch", "--monitor_interval", "0", "PROBE"},
+                       "--monitor_interval"},
+        BadCommandLine{"NegativeMonitorInterval",
+                       {"launch", "--monitor_interval", "-0.5", "PROBE"},
+                       "--monitor_interval"},
+        BadCommandLine{"RestartsAcrossMachines",
+                       {"launch", "--num_machines", "2", "--max_restarts", "1", "PROBE"},
+                       "elastic rendezvous"},
+        BadCommandLine{"TeeWithoutLogDir", {"launch", "--tee", "PROBE"}, "--log_dir"},
+        BadCommandLine{"UnknownRendezvous", {"launch", "--rdzv_backend", "etcd", "PROBE"}, "etcd"}),
     [](const auto& info) { return info.param.name; });
 
 TEST(LaunchHelp, DocumentsEveryOptionWithItsDefault) {
@@ -481,7 +652,8 @@ TEST(LaunchHelp, DocumentsEveryOptionWithItsDefault) {
   for (const char* option :
        {"--num_processes", "--cpu", "--mixed_precision", "--gradient_accumulation_steps",
         "--main_process_ip", "--main_process_port", "--num_machines", "--machine_rank", "--debug",
-        "--rank_prefix", "--grace_period"}) {
+        "--rank_prefix", "--grace_period", "--config_file", "--gpu_ids", "--rdzv_backend",
+        "--max_restarts", "--monitor_interval", "--log_dir", "--tee"}) {
     // An option's entry: its own line ("  -n,--num_processes INT  text" or "  --cpu  text"), and
     // the continuation line CLI11 adds when the name is long.
     const auto lines = split_lines(r.output);

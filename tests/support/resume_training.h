@@ -18,6 +18,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adam.h>
 
+#include <csignal>
 #include <memory>
 #include <string>
 #include <utility>
@@ -55,11 +56,30 @@ struct ResumeRun {
   /// Where save_at saves; where the run resumes from when `resume`.
   std::string directory;
   bool resume = false;
+  /// Automatic checkpoint naming under `directory` (the project dir), saving every
+  /// `save_every` steps; a restarted run (ACCELERATE_RESTART_COUNT > 0) resumes by itself.
+  bool automatic = false;
+  int64_t save_every = 0;
+  /// Simulated crash: return after this many steps without saving (0: never).
+  int64_t stop_at = 0;
+  /// Real crash: on the first attempt, process `kill_rank` SIGKILLs itself after `kill_at`
+  /// steps.
+  int kill_rank = -1;
+  int64_t kill_at = 0;
+  /// Receives the step the run started from (0, or where it resumed).
+  int64_t* started_at = nullptr;
 };
 
 /// Runs `run` and returns the model's final parameters (every process has the same).
 inline accelerate::NamedTensors train_resumable(const ResumeRun& run,
                                                 accelerate::AcceleratorOptions options = {}) {
+  if (run.automatic) {
+    accelerate::ProjectConfiguration project;
+    project.project_dir = run.directory;
+    project.automatic_checkpoint_naming = true;
+    project.total_limit = 2;
+    options.project_config = project;
+  }
   accelerate::Accelerator accelerator(options);
   torch::manual_seed(1234);
   torch::nn::Sequential model(torch::nn::Linear(4, 16), torch::nn::Dropout(0.2), torch::nn::Tanh(),
@@ -77,6 +97,7 @@ inline accelerate::NamedTensors train_resumable(const ResumeRun& run,
   auto progress = std::make_shared<Progress>();
   accelerator.register_for_checkpointing(progress);
   if (run.resume) accelerator.load_state(run.directory);
+  if (run.started_at) *run.started_at = progress->steps;
 
   while (progress->steps < run.total_steps) {
     for (auto& batch : batches) {
@@ -86,6 +107,12 @@ inline accelerate::NamedTensors train_resumable(const ResumeRun& run,
       scheduler.step();
       optimizer.zero_grad();
       ++progress->steps;
+      if (run.save_every > 0 && progress->steps % run.save_every == 0) accelerator.save_state();
+      if (progress->steps == run.stop_at) return accelerate::model_state(*net);
+      if (progress->steps == run.kill_at && accelerator.process_index() == run.kill_rank &&
+          accelerator.config().restart_count == 0) {
+        ::raise(SIGKILL);
+      }
       if (progress->steps == run.save_at) {
         accelerator.save_state(run.directory);
         return accelerate::model_state(*net);

@@ -189,6 +189,39 @@ TEST(CheckpointState, ResumingReproducesTheUninterruptedRunExactly) {
   EXPECT_FALSE(at::equal(shorter[0].second, straight[0].second));
 }
 
+// What `accelerate launch --max_restarts` relies on: a restarted run with automatic naming
+// resumes from the latest checkpoint with no resume code in the program.
+TEST(CheckpointState, ARestartedRunResumesByItself) {
+  TempDir tmp;
+  using accelerate::testing::ResumeRun;
+  using accelerate::testing::train_resumable;
+  const auto straight = train_resumable(ResumeRun{.total_steps = 23}, single());
+  const ResumeRun run{
+      .total_steps = 23, .directory = tmp.path().string(), .automatic = true, .save_every = 5};
+  auto crashed = run;
+  crashed.stop_at = 13;  // checkpoints after steps 5 and 10, then "dies"
+  train_resumable(crashed, single());
+  EXPECT_EQ(accelerate::latest_checkpoint((tmp.path() / "checkpoints").string()),
+            (tmp.path() / "checkpoints" / "checkpoint_1").string());
+  {
+    accelerate::PatchEnvironment restart(
+        std::map<std::string, std::string>{{"ACCELERATE_RESTART_COUNT", "1"}});
+    torch::manual_seed(999);
+    int64_t started = -1;
+    auto restarted = run;
+    restarted.started_at = &started;
+    expect_same_state(train_resumable(restarted, single()), straight);
+    EXPECT_EQ(started, 10);
+  }
+  // Restored objects must all be prepared before training goes on.
+  accelerate::PatchEnvironment restart(
+      std::map<std::string, std::string>{{"ACCELERATE_RESTART_COUNT", "2"}});
+  Accelerator accelerator(automatic(tmp.path()));
+  EXPECT_EQ(accelerator.save_iteration(), 4);  // checkpoint_3 is the latest now
+  EXPECT_ERROR_CONTAINS(accelerator.save_state(),
+                        "holds 1 model(s) but 0 were prepared before training went on");
+}
+
 TEST(CheckpointState, RestoresEveryPieceIntoFreshObjects) {
   TempDir tmp;
   const auto dir = (tmp.path() / "ckpt").string();

@@ -66,4 +66,10 @@ class Command {
 /// Every subcommand, in the order `accelerate -h` lists them.
 std::vector<std::unique_ptr<Command>> make_commands();
 
+// One factory per subcommand, each in its own file.
+std::unique_ptr<Command> make_config_command();           // config_command.cpp
+std::unique_ptr<Command> make_env_command();              // env_command.cpp
+std::unique_ptr<Command> make_test_command();             // test_command.cpp
+std::unique_ptr<Command> make_estimate_memory_command();  // estimate_memory.cpp
+
 }  // namespace accelerate::cli

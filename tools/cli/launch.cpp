@@ -12,9 +12,12 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 
 extern char** environ;
 
@@ -25,8 +28,15 @@ namespace {
 // first, so it is a fixed, well-known one (the same as torchrun's and Python Accelerate's).
 constexpr int kMultiMachineDefaultPort = 29500;
 constexpr double kDefaultGracePeriodSeconds = 5.0;
+constexpr double kDefaultMonitorIntervalSeconds = 0.1;
+// torchrun's default: a failed worker fails the job unless the user asks for restarts.
+constexpr int kDefaultMaxRestarts = 0;
 constexpr const char* kDefaultMainProcessIp = "127.0.0.1";
 const std::vector<std::string> kMixedPrecisionChoices = {"no", "fp16", "bf16"};
+// Both end up as the same static TCPStore on the main process: "c10d" is accepted so that config
+// files and command lines written for Python Accelerate work unchanged.
+const std::vector<std::string> kRdzvBackendChoices = {"static", "c10d"};
+const std::vector<std::string> kDistributedTypeChoices = {"NO", "MULTI_CPU", "MULTI_GPU"};
 // Libraries that start one thread per core each; N workers would otherwise run N x cores threads.
 const std::vector<std::string> kThreadCountVariables = {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                         "MKL_NUM_THREADS"};
@@ -110,20 +120,53 @@ class LaunchCommand final : public Command {
                                       "(default: 127.0.0.1)");
     main_process_port_ =
         app.add_option("--main_process_port", main_process_port_value_,
-                       "Port rank 0 listens on; sets MASTER_PORT (default: a free port when "
-                       "--num_machines is 1, else 29500)");
+                       "Port rank 0 listens on; sets MASTER_PORT (default: a free port, a new one "
+                       "for each restart, when --num_machines is 1, else 29500)");
     num_machines_ = app.add_option("--num_machines", num_machines_value_,
                                    "Machines taking part in the job (default: 1)");
     machine_rank_ = app.add_option("--machine_rank", machine_rank_value_,
                                    "Index of this machine, in [0, num_machines) (default: 0)");
-    app.add_flag("--debug", debug_,
-                 "Set ACCELERATE_DEBUG_MODE=1 in the workers and print the resolved launch "
-                 "configuration (default: off)");
+    app.add_flag("-v,--debug", debug_,
+                 "Set ACCELERATE_DEBUG_MODE=1 in the workers and print every resolved launch "
+                 "setting with where it came from: flag, config file or default (default: off)");
     app.add_flag("--rank_prefix", rank_prefix_,
                  "Prefix every line the workers print with \"[rank R] \" (default: off)");
     grace_period_ = app.add_option("--grace_period", grace_period_value_,
-                                   "Seconds between SIGTERM and SIGKILL when the job is stopped "
-                                   "(default: 5)");
+                                   "Seconds between SIGTERM and SIGKILL when the workers are "
+                                   "stopped (default: 5)");
+    config_file_ = app.add_option("--config_file", config_file_value_,
+                                  "YAML file written by `accelerate config` or Python Accelerate; "
+                                  "it supplies every setting no flag gives (default: "
+                                  "$HF_HOME/accelerate/default_config.yaml, else "
+                                  "$XDG_CACHE_HOME/huggingface/accelerate/default_config.yaml, "
+                                  "else ~/.cache/huggingface/accelerate/default_config.yaml, "
+                                  "read when it exists)")
+                       ->type_name("PATH");
+    gpu_ids_ = app.add_option("--gpu_ids", gpu_ids_value_,
+                              "GPUs the workers may use, e.g. 0,1; sets CUDA_VISIBLE_DEVICES "
+                              "(default: all, the variable is left as it is)")
+                   ->type_name("IDS");
+    rdzv_backend_ = app.add_option("--rdzv_backend", rdzv_backend_value_,
+                                   "How the workers meet: static (a TCPStore on the main process) "
+                                   "or c10d, accepted for Python Accelerate's sake and the same "
+                                   "here (default: static)");
+    max_restarts_ = app.add_option("--max_restarts", max_restarts_value_,
+                                   "When a worker fails, stop all workers and start them again, "
+                                   "up to this many times; each sees ACCELERATE_RESTART_COUNT "
+                                   "(default: 0)");
+    monitor_interval_ =
+        app.add_option("--monitor_interval", monitor_interval_value_,
+                       "Seconds between checks on the workers; an exit is also noticed at once "
+                       "through SIGCHLD (default: 0.1)")
+            ->type_name("SECONDS");
+    log_dir_ = app.add_option("--log_dir", log_dir_value_,
+                              "Append each worker's stdout and stderr to DIR/rank_<R>.log, every "
+                              "attempt headed by '=== attempt N ==='; DIR is created if missing "
+                              "(default: not set, the workers write to the console)")
+                   ->type_name("DIR");
+    app.add_flag("--tee", tee_,
+                 "With --log_dir, also copy the workers' lines to the console, prefixed with "
+                 "\"[rank R] \" (default: off)");
     // Documentation only: split_arguments() takes PROGRAM and ARGS out before CLI11 parses.
     app.add_option("PROGRAM", help_program_,
                    "Executable to start (searched in PATH when it has no '/')");
@@ -133,9 +176,22 @@ class LaunchCommand final : public Command {
         "in the job through RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, "
         "MASTER_ADDR, MASTER_PORT and ACCELERATE_* variables. Everything after PROGRAM (or after "
         "'--') is passed to it unchanged.\n"
-        "Exit status: 0 when every worker exits 0; 1 when a worker fails (the others are sent "
-        "SIGTERM, then SIGKILL after --grace_period); 128+N when the launcher gets signal N "
-        "(SIGINT, SIGTERM, SIGHUP); 2 for a bad command line.\n"
+        "Every setting is taken from its flag, else from the config file, else from its default. "
+        "Config file keys: num_processes, num_machines, machine_rank, main_process_ip, "
+        "main_process_port, mixed_precision, use_cpu, gradient_accumulation_steps, debug, "
+        "gpu_ids, rdzv_backend, distributed_type (NO: one process by default; MULTI_CPU: "
+        "--cpu); same_network is shown by --debug only.\n"
+        "Workers meet through a TCPStore that rank 0 serves at MASTER_ADDR:MASTER_PORT, whatever "
+        "--rdzv_backend says. With --max_restarts, the launcher stops every worker when one fails "
+        "and starts them all again, setting ACCELERATE_RESTART_COUNT (and torchrun's "
+        "TORCHELASTIC_RESTART_COUNT) to the number of restarts so far and choosing a new port "
+        "unless --main_process_port was given; it prints one line per restart. Restarts need "
+        "--num_machines 1: restarting across machines needs an elastic rendezvous, which "
+        "accelerate launch does not provide. A signal to the launcher never restarts anything.\n"
+        "Exit status: 0 when every worker of an attempt exits 0; 1 when a worker fails and no "
+        "restart is left (the others are sent SIGTERM, then SIGKILL after --grace_period); "
+        "128+N when the launcher gets signal N (SIGINT, SIGTERM, SIGHUP); 2 for a bad command "
+        "line or config file.\n"
         "When --num_processes > 1, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS "
         "default to max(1, cores / num_processes) unless already set. GLIBC_TUNABLES defaults "
         "to keeping freed blocks up to 1 GiB for reuse, unless GLIBC_TUNABLES, "
@@ -194,10 +250,39 @@ class LaunchCommand final : public Command {
     options.debug = debug_;
     options.rank_prefix = rank_prefix_;
     if (grace_period_->count() > 0) options.grace_period_seconds = grace_period_value_;
+    if (config_file_->count() > 0) options.config_file = config_file_value_;
+    if (gpu_ids_->count() > 0) options.gpu_ids = gpu_ids_value_;
+    if (rdzv_backend_->count() > 0) options.rdzv_backend = rdzv_backend_value_;
+    if (max_restarts_->count() > 0) options.max_restarts = max_restarts_value_;
+    if (monitor_interval_->count() > 0) options.monitor_interval_seconds = monitor_interval_value_;
+    if (log_dir_->count() > 0) options.log_dir = log_dir_value_;
+    options.tee = tee_;
     options.program = program_;
     options.program_args = program_args_;
 
-    const LaunchConfig config = resolve_launch_config(options);
+    std::vector<std::string> base_env;
+    std::map<std::string, std::string> environment;
+    for (char** e = environ; *e != nullptr; ++e) {
+      base_env.emplace_back(*e);
+      const auto eq = base_env.back().find('=');
+      if (eq != std::string::npos) {
+        environment.emplace(base_env.back().substr(0, eq), base_env.back().substr(eq + 1));
+      }
+    }
+    std::vector<std::string> warnings;
+    const auto file = read_launch_config_file(options, environment, &warnings);
+    for (const auto& warning : warnings) {
+      std::cerr << "accelerate launch: warning: " << warning << "\n";
+    }
+    const LaunchConfig config = resolve_launch_config(options, file);
+    if (config.log_dir) {
+      std::error_code error;
+      std::filesystem::create_directories(*config.log_dir, error);
+      if (error || !std::filesystem::is_directory(*config.log_dir)) {
+        throw UsageError("cannot create --log_dir '" + *config.log_dir +
+                         "': " + (error ? error.message() : "not a directory"));
+      }
+    }
 
     if (!config.thread_defaults.empty()) {
       std::vector<std::string> settings;
@@ -209,25 +294,35 @@ class LaunchCommand final : public Command {
                 << " cores; set them yourself to override" << std::endl;
     }
     if (config.debug) {
-      for (const auto& line : describe_launch_config(config, options)) {
+      for (const auto& line : describe_launch_config(config)) {
         std::cerr << "accelerate launch: " << line << "\n";
       }
-      std::cerr << std::flush;
     }
+    std::cerr << std::flush;
 
-    std::vector<std::string> base_env;
-    for (char** e = environ; *e != nullptr; ++e) base_env.emplace_back(*e);
-    std::vector<WorkerSpec> workers;
-    for (int local_rank = 0; local_rank < config.num_processes; ++local_rank) {
-      workers.push_back({.rank = config.machine_rank * config.num_processes + local_rank,
-                         .local_rank = local_rank,
-                         .path = config.program_path,
-                         .argv = config.program_argv,
-                         .env = worker_environment(config, local_rank, base_env)});
-    }
-    return run_workers(workers, {.rank_prefix = config.rank_prefix,
-                                 .grace_period = config.grace_period,
-                                 .name = "accelerate launch"});
+    auto make_workers = [&](int restart_count) {
+      const LaunchAttempt attempt{
+          .restart_count = restart_count,
+          .main_process_port = restart_count > 0 && config.port_chosen_automatically
+                                   ? pick_free_port()
+                                   : config.main_process_port};
+      std::vector<WorkerSpec> workers;
+      for (int local_rank = 0; local_rank < config.num_processes; ++local_rank) {
+        workers.push_back({.rank = config.machine_rank * config.num_processes + local_rank,
+                           .local_rank = local_rank,
+                           .path = config.program_path,
+                           .argv = config.program_argv,
+                           .env = worker_environment(config, attempt, local_rank, base_env)});
+      }
+      return workers;
+    };
+    return run_workers(make_workers, {.rank_prefix = config.rank_prefix,
+                                      .grace_period = config.grace_period,
+                                      .name = "accelerate launch",
+                                      .max_restarts = config.max_restarts,
+                                      .monitor_interval = config.monitor_interval,
+                                      .log_dir = config.log_dir.value_or(""),
+                                      .tee = config.tee});
   }
 
  private:
@@ -251,6 +346,19 @@ class LaunchCommand final : public Command {
   bool rank_prefix_ = false;
   CLI::Option* grace_period_ = nullptr;
   double grace_period_value_ = kDefaultGracePeriodSeconds;
+  CLI::Option* config_file_ = nullptr;
+  std::string config_file_value_;
+  CLI::Option* gpu_ids_ = nullptr;
+  std::string gpu_ids_value_;
+  CLI::Option* rdzv_backend_ = nullptr;
+  std::string rdzv_backend_value_;
+  CLI::Option* max_restarts_ = nullptr;
+  int max_restarts_value_ = kDefaultMaxRestarts;
+  CLI::Option* monitor_interval_ = nullptr;
+  double monitor_interval_value_ = kDefaultMonitorIntervalSeconds;
+  CLI::Option* log_dir_ = nullptr;
+  std::string log_dir_value_;
+  bool tee_ = false;
   std::string help_program_;
   std::vector<std::string> help_args_;
   std::string program_;
@@ -279,61 +387,231 @@ std::string resolve_program(const std::string& program) {
   throw UsageError("PROGRAM '" + program + "' was not found in PATH or is not executable");
 }
 
-LaunchConfig resolve_launch_config(const LaunchOptions& options) {
+namespace {
+
+// One precedence rule for every setting: flag > config file > default. Records where each value
+// came from and names the setting the way its source spells it, so that an error about a value
+// from the config file points at the file, not at a flag the user never typed.
+class Precedence {
+ public:
+  Precedence(LaunchConfig& config, const std::optional<LaunchConfigFile>& file)
+      : config_(config), file_(file) {}
+
+  /// The flag's value, else the file's, else nothing (the caller's default applies).
+  template <typename T>
+  std::optional<T> take(const std::string& name, const std::optional<T>& flag,
+                        const std::optional<T>& from_file) {
+    if (flag) return record(name, SettingSource::kFlag, flag);
+    if (from_file) return record(name, SettingSource::kConfigFile, from_file);
+    return record(name, SettingSource::kDefault, std::optional<T>());
+  }
+
+  /// For settings that only have a flag.
+  template <typename T>
+  std::optional<T> flag(const std::string& name, const std::optional<T>& value) {
+    return record(name, value ? SettingSource::kFlag : SettingSource::kDefault, value);
+  }
+
+  void set(const std::string& name, SettingSource source) { config_.sources[name] = source; }
+
+  /// How a message names the setting: "--num_processes", or "num_processes in config file X".
+  std::string where(const std::string& name) const {
+    const auto it = config_.sources.find(name);
+    if (it != config_.sources.end() && it->second == SettingSource::kConfigFile) {
+      return name + " in config file " + file_->path;
+    }
+    return "--" + name;
+  }
+
+ private:
+  template <typename T>
+  std::optional<T> record(const std::string& name, SettingSource source,
+                          const std::optional<T>& value) {
+    config_.sources[name] = source;
+    return value;
+  }
+
+  LaunchConfig& config_;
+  const std::optional<LaunchConfigFile>& file_;
+};
+
+void check_choice(const Precedence& precedence, const std::string& name, const std::string& value,
+                  const std::vector<std::string>& choices) {
+  if (std::find(choices.begin(), choices.end(), value) == choices.end()) {
+    throw UsageError(precedence.where(name) + " must be one of " + join(choices, ", ") + ", got '" +
+                     value + "'");
+  }
+}
+
+}  // namespace
+
+std::optional<LaunchConfigFile> read_launch_config_file(
+    const LaunchOptions& options, const std::map<std::string, std::string>& environment,
+    std::vector<std::string>* warnings) {
+  std::error_code error;
+  std::string path;
+  if (options.config_file) {
+    path = *options.config_file;
+    if (path.empty()) throw UsageError("--config_file must not be empty");
+    // Never ignored: a typo in the path would otherwise launch with silently different settings.
+    if (!std::filesystem::exists(path, error)) {
+      throw UsageError("--config_file '" + path + "' does not exist");
+    }
+    if (std::filesystem::is_directory(path, error)) {
+      throw UsageError("--config_file '" + path + "' is a directory");
+    }
+  } else {
+    path = default_config_path(environment);
+    if (!std::filesystem::is_regular_file(path, error)) return std::nullopt;
+  }
+  // Absolute, so that --debug output and error messages still name the file once copied into a
+  // log away from the directory the launch ran in.
+  const std::filesystem::path absolute = std::filesystem::absolute(path, error);
+  return LaunchConfigFile{.path = error ? path : absolute.lexically_normal().string(),
+                          .values = load_config_file(path, warnings)};
+}
+
+LaunchConfig resolve_launch_config(const LaunchOptions& options,
+                                   const std::optional<LaunchConfigFile>& file) {
   LaunchConfig config;
-  config.num_processes = options.num_processes.value_or(1);
+  const ClusterConfig from_file = file ? file->values : ClusterConfig{};
+  if (file) config.config_file = file->path;
+  Precedence precedence(config, file);
+  precedence.set("config_file",
+                 options.config_file ? SettingSource::kFlag : SettingSource::kDefault);
+
+  config.distributed_type = from_file.distributed_type;
+  if (config.distributed_type) {
+    precedence.set("distributed_type", SettingSource::kConfigFile);
+    check_choice(precedence, "distributed_type", *config.distributed_type, kDistributedTypeChoices);
+  }
+
+  // Python Accelerate writes -1 for "give --num_processes on the command line".
+  const auto num_processes =
+      precedence.take("num_processes", options.num_processes, from_file.num_processes);
+  if (num_processes && *num_processes == -1 && !options.num_processes) {
+    throw UsageError("config file " + file->path +
+                     " leaves num_processes to the command line (-1): pass --num_processes");
+  }
+  config.num_processes = num_processes.value_or(1);
   if (config.num_processes < 1) {
-    throw UsageError("--num_processes must be at least 1, got " +
+    throw UsageError(precedence.where("num_processes") + " must be at least 1, got " +
                      std::to_string(config.num_processes));
   }
-  config.num_machines = options.num_machines.value_or(1);
+  config.num_machines =
+      precedence.take("num_machines", options.num_machines, from_file.num_machines).value_or(1);
   if (config.num_machines < 1) {
-    throw UsageError("--num_machines must be at least 1, got " +
+    throw UsageError(precedence.where("num_machines") + " must be at least 1, got " +
                      std::to_string(config.num_machines));
   }
-  config.machine_rank = options.machine_rank.value_or(0);
+  config.machine_rank =
+      precedence.take("machine_rank", options.machine_rank, from_file.machine_rank).value_or(0);
   if (config.machine_rank < 0 || config.machine_rank >= config.num_machines) {
-    throw UsageError("--machine_rank must be in [0, " + std::to_string(config.num_machines) +
-                     ") for --num_machines " + std::to_string(config.num_machines) + ", got " +
+    throw UsageError(precedence.where("machine_rank") + " must be in [0, " +
+                     std::to_string(config.num_machines) + ") for num_machines " +
+                     std::to_string(config.num_machines) + ", got " +
                      std::to_string(config.machine_rank));
   }
   if (static_cast<long long>(config.num_machines) * config.num_processes > 1'000'000) {
-    throw UsageError("--num_machines x --num_processes is unreasonably large");
+    throw UsageError("num_machines x num_processes is unreasonably large");
   }
-  config.cpu = options.cpu;
-  if (options.mixed_precision) {
-    if (std::find(kMixedPrecisionChoices.begin(), kMixedPrecisionChoices.end(),
-                  *options.mixed_precision) == kMixedPrecisionChoices.end()) {
-      throw UsageError("--mixed_precision must be one of " + join(kMixedPrecisionChoices, ", ") +
-                       ", got '" + *options.mixed_precision + "'");
-    }
-    config.mixed_precision = options.mixed_precision;
+
+  // Flags can only switch these on, so "given" means on; the file may say either.
+  if (options.cpu) {
+    config.cpu = true;
+    precedence.set("cpu", SettingSource::kFlag);
+  } else if (from_file.use_cpu || from_file.distributed_type == "MULTI_CPU") {
+    config.cpu = from_file.use_cpu.value_or(false) || from_file.distributed_type == "MULTI_CPU";
+    precedence.set("cpu", SettingSource::kConfigFile);
+  } else {
+    precedence.set("cpu", SettingSource::kDefault);
   }
-  if (options.gradient_accumulation_steps) {
-    if (*options.gradient_accumulation_steps < 1) {
-      throw UsageError("--gradient_accumulation_steps must be at least 1, got " +
-                       std::to_string(*options.gradient_accumulation_steps));
-    }
-    config.gradient_accumulation_steps = options.gradient_accumulation_steps;
+  if (options.debug) {
+    config.debug = true;
+    precedence.set("debug", SettingSource::kFlag);
+  } else {
+    config.debug = from_file.debug.value_or(false);
+    precedence.set("debug", from_file.debug ? SettingSource::kConfigFile : SettingSource::kDefault);
   }
-  config.main_process_ip = options.main_process_ip.value_or(kDefaultMainProcessIp);
-  if (config.main_process_ip.empty()) throw UsageError("--main_process_ip must not be empty");
-  if (options.main_process_port) {
-    if (*options.main_process_port < 1 || *options.main_process_port > 65535) {
-      throw UsageError("--main_process_port must be in 1..65535, got " +
-                       std::to_string(*options.main_process_port));
-    }
-    config.main_process_port = *options.main_process_port;
+
+  config.mixed_precision =
+      precedence.take("mixed_precision", options.mixed_precision, from_file.mixed_precision);
+  if (config.mixed_precision) {
+    check_choice(precedence, "mixed_precision", *config.mixed_precision, kMixedPrecisionChoices);
   }
-  config.debug = options.debug;
+  config.gradient_accumulation_steps =
+      precedence.take("gradient_accumulation_steps", options.gradient_accumulation_steps,
+                      from_file.gradient_accumulation_steps);
+  if (config.gradient_accumulation_steps && *config.gradient_accumulation_steps < 1) {
+    throw UsageError(precedence.where("gradient_accumulation_steps") + " must be at least 1, got " +
+                     std::to_string(*config.gradient_accumulation_steps));
+  }
+  config.main_process_ip =
+      precedence.take("main_process_ip", options.main_process_ip, from_file.main_process_ip)
+          .value_or(kDefaultMainProcessIp);
+  if (config.main_process_ip.empty()) {
+    throw UsageError(precedence.where("main_process_ip") + " must not be empty");
+  }
+  const auto port =
+      precedence.take("main_process_port", options.main_process_port, from_file.main_process_port);
+  if (port && (*port < 1 || *port > 65535)) {
+    throw UsageError(precedence.where("main_process_port") + " must be in 1..65535, got " +
+                     std::to_string(*port));
+  }
+  config.gpu_ids = precedence.take("gpu_ids", options.gpu_ids, from_file.gpu_ids);
+  if (config.gpu_ids &&
+      (config.gpu_ids->empty() || config.gpu_ids->find_first_of(" \t\n") != std::string::npos)) {
+    throw UsageError(precedence.where("gpu_ids") +
+                     " must be 'all' or a comma-separated list of GPU ids, got '" +
+                     *config.gpu_ids + "'");
+  }
+  config.rdzv_backend =
+      precedence.take("rdzv_backend", options.rdzv_backend, from_file.rdzv_backend)
+          .value_or("static");
+  check_choice(precedence, "rdzv_backend", config.rdzv_backend, kRdzvBackendChoices);
+  config.same_network = from_file.same_network;
+  if (config.same_network) precedence.set("same_network", SettingSource::kConfigFile);
+
   config.rank_prefix = options.rank_prefix;
-  const double grace = options.grace_period_seconds.value_or(kDefaultGracePeriodSeconds);
+  precedence.set("rank_prefix",
+                 options.rank_prefix ? SettingSource::kFlag : SettingSource::kDefault);
+  const double grace = precedence.flag("grace_period", options.grace_period_seconds)
+                           .value_or(kDefaultGracePeriodSeconds);
   // The upper bound only keeps the conversion to milliseconds from overflowing.
   if (!(grace >= 0.0 && grace <= 86400.0)) {
     throw UsageError("--grace_period must be between 0 and 86400 seconds, got " +
                      std::to_string(grace));
   }
   config.grace_period = std::chrono::milliseconds(static_cast<long long>(grace * 1000.0));
+
+  config.max_restarts =
+      precedence.flag("max_restarts", options.max_restarts).value_or(kDefaultMaxRestarts);
+  if (config.max_restarts < 0) {
+    throw UsageError("--max_restarts must be at least 0, got " +
+                     std::to_string(config.max_restarts));
+  }
+  if (config.max_restarts > 0 && config.num_machines > 1) {
+    throw UsageError(
+        "--max_restarts needs num_machines 1: restarting workers on several machines together "
+        "needs an elastic rendezvous, which accelerate launch does not provide");
+  }
+  const double interval = precedence.flag("monitor_interval", options.monitor_interval_seconds)
+                              .value_or(kDefaultMonitorIntervalSeconds);
+  if (!(interval > 0.0 && interval <= 86400.0)) {
+    throw UsageError("--monitor_interval must be greater than 0 and at most 86400 seconds, got " +
+                     std::to_string(interval));
+  }
+  // Below a millisecond poll() would spin; a millisecond is already far finer than useful.
+  config.monitor_interval =
+      std::max(std::chrono::milliseconds(1),
+               std::chrono::milliseconds(static_cast<long long>(interval * 1000.0)));
+  config.log_dir = precedence.flag("log_dir", options.log_dir);
+  if (config.log_dir && config.log_dir->empty()) throw UsageError("--log_dir must not be empty");
+  config.tee = options.tee;
+  precedence.set("tee", options.tee ? SettingSource::kFlag : SettingSource::kDefault);
+  if (config.tee && !config.log_dir) {
+    throw UsageError("--tee copies the --log_dir files to the console; give --log_dir too");
+  }
 
   config.program_path = resolve_program(options.program);
   config.program_argv.push_back(options.program);
@@ -342,7 +620,10 @@ LaunchConfig resolve_launch_config(const LaunchOptions& options) {
 
   // Only now that the command line is known good: choosing a port has side effects on nothing,
   // but a refused command line should not depend on the network.
-  if (!options.main_process_port) {
+  if (port) {
+    config.main_process_port = *port;
+  } else {
+    config.port_chosen_automatically = config.num_machines == 1;
     config.main_process_port =
         config.num_machines == 1 ? pick_free_port() : kMultiMachineDefaultPort;
   }
@@ -363,7 +644,8 @@ LaunchConfig resolve_launch_config(const LaunchOptions& options) {
   return config;
 }
 
-std::vector<std::string> worker_environment(const LaunchConfig& config, int local_rank,
+std::vector<std::string> worker_environment(const LaunchConfig& config,
+                                            const LaunchAttempt& attempt, int local_rank,
                                             const std::vector<std::string>& base) {
   std::vector<std::string> env = base;
   const int rank = config.machine_rank * config.num_processes + local_rank;
@@ -373,7 +655,11 @@ std::vector<std::string> worker_environment(const LaunchConfig& config, int loca
   set_env_entry(env, "LOCAL_WORLD_SIZE", std::to_string(config.num_processes));
   set_env_entry(env, "GROUP_RANK", std::to_string(config.machine_rank));
   set_env_entry(env, "MASTER_ADDR", config.main_process_ip);
-  set_env_entry(env, "MASTER_PORT", std::to_string(config.main_process_port));
+  set_env_entry(env, "MASTER_PORT", std::to_string(attempt.main_process_port));
+  // Ours, and torchrun's names for the same, so programs written for either can resume.
+  set_env_entry(env, "ACCELERATE_RESTART_COUNT", std::to_string(attempt.restart_count));
+  set_env_entry(env, "TORCHELASTIC_RESTART_COUNT", std::to_string(attempt.restart_count));
+  set_env_entry(env, "TORCHELASTIC_MAX_RESTARTS", std::to_string(config.max_restarts));
   if (config.cpu) set_env_entry(env, "ACCELERATE_USE_CPU", "true");
   if (config.mixed_precision)
     set_env_entry(env, "ACCELERATE_MIXED_PRECISION", *config.mixed_precision);
@@ -381,40 +667,75 @@ std::vector<std::string> worker_environment(const LaunchConfig& config, int loca
     set_env_entry(env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
                   std::to_string(*config.gradient_accumulation_steps));
   }
+  if (config.gpu_ids && *config.gpu_ids != "all") {
+    set_env_entry(env, "CUDA_VISIBLE_DEVICES", *config.gpu_ids);
+  }
   if (config.debug) set_env_entry(env, "ACCELERATE_DEBUG_MODE", "1");
   for (const auto& [name, value] : config.thread_defaults) set_env_entry(env, name, value);
   for (const auto& [name, value] : config.memory_defaults) set_env_entry(env, name, value);
   return env;
 }
 
-std::vector<std::string> describe_launch_config(const LaunchConfig& config,
-                                                const LaunchOptions& options) {
-  auto source = [](bool given) { return given ? " (command line)" : " (default)"; };
+std::vector<std::string> describe_launch_config(const LaunchConfig& config) {
+  auto source = [&](const std::string& name) -> std::string {
+    const auto it = config.sources.find(name);
+    const SettingSource from = it == config.sources.end() ? SettingSource::kDefault : it->second;
+    switch (from) {
+      case SettingSource::kFlag:
+        return " (flag)";
+      case SettingSource::kConfigFile:
+        return " (config file " + config.config_file + ")";
+      case SettingSource::kDefault:
+        break;
+    }
+    return " (default)";
+  };
+  auto text = [](bool value) { return std::string(value ? "true" : "false"); };
+  auto or_unset = [](const auto& value) -> std::string {
+    if (!value) return "(not set)";
+    if constexpr (std::is_same_v<std::decay_t<decltype(*value)>, std::string>) {
+      return *value;
+    } else if constexpr (std::is_same_v<std::decay_t<decltype(*value)>, bool>) {
+      return *value ? "true" : "false";
+    } else {
+      return std::to_string(*value);
+    }
+  };
+  auto line = [&](const std::string& name, const std::string& value) {
+    return name + " = " + value + source(name);
+  };
   std::vector<std::string> lines;
-  lines.push_back("num_processes = " + std::to_string(config.num_processes) +
-                  source(options.num_processes.has_value()));
-  lines.push_back("num_machines = " + std::to_string(config.num_machines) +
-                  source(options.num_machines.has_value()));
-  lines.push_back("machine_rank = " + std::to_string(config.machine_rank) +
-                  source(options.machine_rank.has_value()));
-  lines.push_back(std::string("cpu = ") + (config.cpu ? "true" : "false") + source(options.cpu));
-  lines.push_back("mixed_precision = " + config.mixed_precision.value_or("(not set)") +
-                  source(options.mixed_precision.has_value()));
-  lines.push_back("gradient_accumulation_steps = " +
-                  (config.gradient_accumulation_steps
-                       ? std::to_string(*config.gradient_accumulation_steps)
-                       : std::string("(not set)")) +
-                  source(options.gradient_accumulation_steps.has_value()));
-  lines.push_back("main_process_ip = " + config.main_process_ip +
-                  source(options.main_process_ip.has_value()));
+  lines.push_back(
+      "config_file = " + (config.config_file.empty() ? std::string("(none)") : config.config_file) +
+      source("config_file"));
+  if (config.distributed_type) {
+    lines.push_back(line("distributed_type", *config.distributed_type));
+  }
+  lines.push_back(line("num_processes", std::to_string(config.num_processes)));
+  lines.push_back(line("num_machines", std::to_string(config.num_machines)));
+  lines.push_back(line("machine_rank", std::to_string(config.machine_rank)));
+  lines.push_back(line("cpu", text(config.cpu)));
+  lines.push_back(line("mixed_precision", or_unset(config.mixed_precision)));
+  lines.push_back(
+      line("gradient_accumulation_steps", or_unset(config.gradient_accumulation_steps)));
+  lines.push_back(line("debug", text(config.debug)));
+  lines.push_back(line("gpu_ids", config.gpu_ids.value_or("all")));
+  lines.push_back(line("main_process_ip", config.main_process_ip));
   lines.push_back("main_process_port = " + std::to_string(config.main_process_port) +
-                  (options.main_process_port  ? " (command line)"
-                   : config.num_machines == 1 ? " (default: free port)"
-                                              : " (default)"));
-  lines.push_back("grace_period = " + std::to_string(config.grace_period.count()) + " ms" +
-                  source(options.grace_period_seconds.has_value()));
-  lines.push_back("rank_prefix = " + std::string(config.rank_prefix ? "true" : "false") +
-                  source(options.rank_prefix));
+                  (config.port_chosen_automatically ? " (default: a free port, new on each restart)"
+                                                    : source("main_process_port")));
+  lines.push_back(line("rdzv_backend", config.rdzv_backend));
+  if (config.same_network) {
+    lines.push_back("same_network = " + text(*config.same_network) + source("same_network") +
+                    ", informational only");
+  }
+  lines.push_back(line("max_restarts", std::to_string(config.max_restarts)));
+  lines.push_back(
+      line("monitor_interval", std::to_string(config.monitor_interval.count()) + " ms"));
+  lines.push_back(line("grace_period", std::to_string(config.grace_period.count()) + " ms"));
+  lines.push_back(line("log_dir", or_unset(config.log_dir)));
+  lines.push_back(line("tee", text(config.tee)));
+  lines.push_back(line("rank_prefix", text(config.rank_prefix)));
   lines.push_back("program = " + config.program_path);
   for (const auto& [name, value] : config.thread_defaults) {
     lines.push_back(name + " = " + value + " (default: cores / num_processes)");

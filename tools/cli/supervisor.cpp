@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -108,10 +109,14 @@ class SignalChannel {
   struct sigaction original_sigpipe_ {};
 };
 
-// One worker stream (stdout or stderr) that we relay line by line with a prefix.
+// One worker stream (stdout or stderr) that we relay line by line: to the console with a prefix,
+// to the worker's log file without one, or both.
 struct Relay {
   int fd = -1;
+  /// Console stream, or -1 when the lines go to the log file only.
   int target_fd = -1;
+  /// The worker's log file, or -1.
+  int file_fd = -1;
   std::string prefix;
   std::string pending;
 
@@ -120,7 +125,8 @@ struct Relay {
     out.reserve(prefix.size() + line.size() + 1);
     out.append(prefix).append(line).push_back('\n');
     // One write per line: lines of different workers never interleave within a line.
-    write_all(target_fd, out.data(), out.size());
+    if (target_fd >= 0) write_all(target_fd, out.data(), out.size());
+    if (file_fd >= 0) write_all(file_fd, out.data() + prefix.size(), out.size() - prefix.size());
   }
 
   // Reads once; returns false at EOF or error (the relay is then closed).
@@ -177,12 +183,16 @@ struct ExecArgs {
   }
 };
 
+// Where a worker's stdout and stderr go.
+struct WorkerOutput {
+  int out_fd = -1;  // in the child, becomes its stdout (-1: inherit ours)
+  int err_fd = -1;  // in the child, becomes its stderr (-1: inherit ours)
+};
+
 class Supervisor {
  public:
-  Supervisor(const std::vector<WorkerSpec>& specs, const SupervisorOptions& options)
-      : options_(options) {
-    for (const auto& spec : specs) workers_.push_back({.spec = &spec});
-  }
+  Supervisor(const WorkerFactory& make_workers, const SupervisorOptions& options)
+      : make_workers_(make_workers), options_(options) {}
   Supervisor(const Supervisor&) = delete;
   Supervisor& operator=(const Supervisor&) = delete;
   ~Supervisor() {
@@ -194,6 +204,8 @@ class Supervisor {
       }
     }
     for (auto& r : relays_) r.close();
+    for (const auto& [rank, fd] : log_fds_) ::close(fd);
+    if (devnull_ >= 0) ::close(devnull_);
   }
 
   int run() {
@@ -201,22 +213,69 @@ class Supervisor {
     // process group, in the background as far as the terminal is concerned, and would be stopped
     // by SIGTTIN), so give them /dev/null instead of a hang.
     if (::isatty(STDIN_FILENO)) devnull_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    for (restart_count_ = 0;; ++restart_count_) {
+      if (auto status = run_attempt()) return *status;
+    }
+  }
+
+ private:
+  // One group from start to the last exit. Returns the final status, or nothing when the group
+  // failed and is to be started again.
+  std::optional<int> run_attempt() {
+    relays_.clear();
+    workers_.clear();
+    // workers_ points into specs_, which therefore stays put until the next attempt.
+    specs_ = make_workers_(restart_count_);
+    for (const auto& spec : specs_) workers_.push_back({.spec = &spec});
+    stopping_ = false;
+    killed_ = false;
+    restart_pending_ = false;
     for (auto& w : workers_) {
       if (!start(w)) {
-        begin_shutdown(kWorkerFailedExitCode);
+        final_status_ = kWorkerFailedExitCode;
+        begin_stop();
         break;
       }
     }
     loop();
-    if (devnull_ >= 0) ::close(devnull_);
-    return exit_code_.value_or(0);
+    if (restart_pending_) {
+      // A stop request that came in while the last worker went still counts.
+      while (auto sig = signals_.next()) on_signal(*sig);
+    }
+    if (final_status_) return final_status_;
+    if (restart_pending_) return std::nullopt;
+    return 0;
   }
 
- private:
+  // The worker's log file, opened on first use and kept for every attempt; -1 when it cannot be
+  // opened (said once).
+  int log_fd(int rank) {
+    auto it = log_fds_.find(rank);
+    if (it != log_fds_.end()) return it->second;
+    const std::string path = options_.log_dir + "/rank_" + std::to_string(rank) + ".log";
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0)
+      say(options_, "cannot open " + path + ": " + std::strerror(errno));
+    else
+      log_fds_.emplace(rank, fd);
+    return fd;
+  }
+
   bool start(Worker& w) {
+    const int rank = w.spec->rank;
+    int file_fd = -1;
+    if (!options_.log_dir.empty()) {
+      file_fd = log_fd(rank);
+      if (file_fd < 0) return false;
+      const std::string header = "=== attempt " + std::to_string(restart_count_ + 1) + " ===\n";
+      write_all(file_fd, header.data(), header.size());
+    }
+    // Without a console copy, the log file itself becomes the worker's stdout and stderr: no pipe,
+    // no relaying, and the worker's own interleaving of the two streams is kept.
+    const bool relay = file_fd >= 0 ? options_.tee : options_.rank_prefix;
     int out_pipe[2] = {-1, -1};
     int err_pipe[2] = {-1, -1};
-    if (options_.rank_prefix) {
+    if (relay) {
       if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
         say(options_, "cannot create a pipe: " + std::string(std::strerror(errno)));
         return false;
@@ -228,36 +287,46 @@ class Supervisor {
         return false;
       }
     }
+    const WorkerOutput output = relay          ? WorkerOutput{out_pipe[1], err_pipe[1]}
+                                : file_fd >= 0 ? WorkerOutput{file_fd, file_fd}
+                                               : WorkerOutput{};
     ExecArgs exec_args(*w.spec);
     const pid_t parent = ::getpid();
     const pid_t pid = ::fork();
     if (pid < 0) {
       say(options_,
-          "cannot start rank " + std::to_string(w.spec->rank) + ": fork: " + std::strerror(errno));
+          "cannot start rank " + std::to_string(rank) + ": fork: " + std::strerror(errno));
       for (int fd : {out_pipe[0], out_pipe[1], err_pipe[0], err_pipe[1]}) {
         if (fd >= 0) ::close(fd);
       }
       return false;
     }
-    if (pid == 0) exec_worker(*w.spec, exec_args, parent, out_pipe[1], err_pipe[1]);
+    if (pid == 0) exec_worker(*w.spec, exec_args, parent, output);
 
     // Also from this side, so that signalling the group right away cannot race the child.
     ::setpgid(pid, pid);
     w.pid = pid;
     w.running = true;
-    if (options_.rank_prefix) {
+    if (relay) {
       ::close(out_pipe[1]);
       ::close(err_pipe[1]);
-      const std::string prefix = "[rank " + std::to_string(w.spec->rank) + "] ";
-      relays_.push_back({.fd = out_pipe[0], .target_fd = STDOUT_FILENO, .prefix = prefix});
-      relays_.push_back({.fd = err_pipe[0], .target_fd = STDERR_FILENO, .prefix = prefix});
+      const bool to_console = file_fd < 0 || options_.tee;
+      const std::string prefix = "[rank " + std::to_string(rank) + "] ";
+      relays_.push_back({.fd = out_pipe[0],
+                         .target_fd = to_console ? STDOUT_FILENO : -1,
+                         .file_fd = file_fd,
+                         .prefix = prefix});
+      relays_.push_back({.fd = err_pipe[0],
+                         .target_fd = to_console ? STDERR_FILENO : -1,
+                         .file_fd = file_fd,
+                         .prefix = prefix});
     }
     return true;
   }
 
   // In the child: only async-signal-safe calls from here on.
   [[noreturn]] void exec_worker(const WorkerSpec& spec, ExecArgs& exec_args, pid_t parent,
-                                int out_fd, int err_fd) {
+                                WorkerOutput output) {
     // Own process group: stopping the job reaches whatever the worker started too.
     ::setpgid(0, 0);
     // Dies with the launcher even when the launcher is SIGKILLed and cannot clean up.
@@ -267,8 +336,8 @@ class Supervisor {
     ::sigaction(SIGPIPE, &signals_.original_sigpipe(), nullptr);
     ::sigprocmask(SIG_SETMASK, &signals_.original_mask(), nullptr);
     if (devnull_ >= 0) ::dup2(devnull_, STDIN_FILENO);
-    if (out_fd >= 0) ::dup2(out_fd, STDOUT_FILENO);
-    if (err_fd >= 0) ::dup2(err_fd, STDERR_FILENO);
+    if (output.out_fd >= 0) ::dup2(output.out_fd, STDOUT_FILENO);
+    if (output.err_fd >= 0) ::dup2(output.err_fd, STDERR_FILENO);
     ::execve(spec.path.c_str(), exec_args.argv.data(), exec_args.envp.data());
     const char* reason = std::strerror(errno);
     const char head[] = "accelerate launch: cannot execute ";
@@ -290,9 +359,13 @@ class Supervisor {
         std::count_if(workers_.begin(), workers_.end(), [](const Worker& w) { return w.running; }));
   }
 
-  void begin_shutdown(int exit_code) {
-    if (exit_code_) return;
-    exit_code_ = exit_code;
+  static std::string workers_text(std::size_t n) {
+    return std::to_string(n) + (n == 1 ? " worker" : " workers");
+  }
+
+  void begin_stop() {
+    if (stopping_) return;
+    stopping_ = true;
     kill_deadline_ = Clock::now() + options_.grace_period;
     for (auto& w : workers_) {
       if (!w.running) continue;
@@ -316,20 +389,31 @@ class Supervisor {
   void on_worker_exit(Worker& w, int status) {
     w.running = false;
     const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    // Once the job is stopping, workers dying of our SIGTERM are expected, not news.
-    if (!failed || exit_code_) return;
+    // Once the group is stopping, workers dying of our SIGTERM are expected, not news.
+    if (!failed || stopping_) return;
     const std::string what = WIFEXITED(status)
                                  ? "exited with code " + std::to_string(WEXITSTATUS(status))
                                  : "was killed by " + signal_name(WTERMSIG(status)) + " (" +
                                        std::string(::strsignal(WTERMSIG(status))) + ")";
-    const std::size_t others = running_count();
-    const std::string next = others == 0 ? "no other workers are running"
-                                         : "stopping the other " + std::to_string(others) +
-                                               (others == 1 ? " worker" : " workers");
+    std::string next;
+    if (restart_count_ < options_.max_restarts) {
+      restart_pending_ = true;
+      next = "restarting all " + workers_text(workers_.size()) + " (restart " +
+             std::to_string(restart_count_ + 1) + " of " + std::to_string(options_.max_restarts) +
+             ")";
+    } else {
+      final_status_ = kWorkerFailedExitCode;
+      const std::size_t others = running_count();
+      next = others == 0 ? "no other workers are running"
+                         : "stopping the other " + workers_text(others);
+      if (options_.max_restarts > 0) {
+        next += "; no restarts left (--max_restarts " + std::to_string(options_.max_restarts) + ")";
+      }
+    }
     say(options_, "rank " + std::to_string(w.spec->rank) + " (local rank " +
                       std::to_string(w.spec->local_rank) + ", pid " + std::to_string(w.pid) + ") " +
                       what + "; " + next);
-    begin_shutdown(kWorkerFailedExitCode);
+    begin_stop();
   }
 
   void reap() {
@@ -355,11 +439,19 @@ class Supervisor {
       reap();
       return;
     }
-    if (!exit_code_) {
+    if (!final_status_) {
+      final_status_ = 128 + sig;
       const std::size_t n = running_count();
-      say(options_, "received " + signal_name(sig) + "; stopping " + std::to_string(n) +
-                        (n == 1 ? " worker" : " workers"));
-      begin_shutdown(128 + sig);
+      std::string what = "received " + signal_name(sig) + "; ";
+      if (restart_pending_) {
+        // A stop request outranks the restart a failure asked for.
+        restart_pending_ = false;
+        what += n == 0 ? "not restarting" : "stopping " + workers_text(n) + " without restarting";
+      } else {
+        what += "stopping " + workers_text(n);
+      }
+      say(options_, what);
+      begin_stop();
     } else if (!killed_) {
       // Asked twice: the user does not want to wait out the grace period.
       kill_remaining("still running after a second " + signal_name(sig));
@@ -368,9 +460,11 @@ class Supervisor {
 
   void loop() {
     std::vector<pollfd> fds;
+    const int interval_ms = static_cast<int>(
+        std::max<std::chrono::milliseconds::rep>(1, options_.monitor_interval.count()));
     while (running_count() > 0) {
-      int timeout_ms = -1;
-      if (exit_code_ && !killed_) {
+      int timeout_ms = interval_ms;
+      if (stopping_ && !killed_) {
         const auto left =
             std::chrono::duration_cast<std::chrono::milliseconds>(kill_deadline_ - Clock::now());
         if (left.count() <= 0) {
@@ -379,7 +473,7 @@ class Supervisor {
           continue;
         }
         // Round up so we do not spin on the last sub-millisecond.
-        timeout_ms = static_cast<int>(left.count()) + 1;
+        timeout_ms = std::min(timeout_ms, static_cast<int>(left.count()) + 1);
       }
       fds.clear();
       fds.push_back({signals_.fd(), POLLIN, 0});
@@ -389,7 +483,13 @@ class Supervisor {
       const int n = ::poll(fds.data(), fds.size(), timeout_ms);
       if (n < 0 && errno != EINTR)
         throw std::runtime_error(std::string("poll: ") + std::strerror(errno));
-      if (n <= 0) continue;
+      if (n == 0) {
+        // SIGCHLD reports every exit as it happens; this periodic look is torchrun's
+        // --monitor_interval, kept as a backstop that costs one waitpid() per interval.
+        reap();
+        continue;
+      }
+      if (n < 0) continue;
       service_relays(fds);
       if (fds[0].revents != 0) {
         while (auto sig = signals_.next()) on_signal(*sig);
@@ -421,21 +521,34 @@ class Supervisor {
     }
   }
 
+  const WorkerFactory& make_workers_;
   const SupervisorOptions& options_;
   SignalChannel signals_;
+  std::vector<WorkerSpec> specs_;
   std::vector<Worker> workers_;
   std::vector<Relay> relays_;
+  // rank -> its log file, open across attempts.
+  std::map<int, int> log_fds_;
   int devnull_ = -1;
-  std::optional<int> exit_code_;
+  int restart_count_ = 0;
+  // Set once the outcome is decided: a signal to us, or a failure with no restart left.
+  std::optional<int> final_status_;
+  // This attempt failed and another one is due.
+  bool restart_pending_ = false;
+  bool stopping_ = false;
   Clock::time_point kill_deadline_{};
   bool killed_ = false;
 };
 
 }  // namespace
 
-int run_workers(const std::vector<WorkerSpec>& workers, const SupervisorOptions& options) {
-  Supervisor supervisor(workers, options);
+int run_workers(const WorkerFactory& make_workers, const SupervisorOptions& options) {
+  Supervisor supervisor(make_workers, options);
   return supervisor.run();
+}
+
+int run_workers(const std::vector<WorkerSpec>& workers, const SupervisorOptions& options) {
+  return run_workers([&](int) { return workers; }, options);
 }
 
 }  // namespace accelerate::cli

@@ -1,9 +1,11 @@
 // Starts a set of worker processes and stays with them until they are all gone: forwards
-// termination signals, stops the whole job when one worker fails, and never leaves a zombie or an
-// orphan behind. Knows nothing about ranks beyond the numbers it prints.
+// termination signals, stops the whole group when one worker fails (and starts it again, when
+// restarts are allowed), and never leaves a zombie or an orphan behind. Knows nothing about ranks
+// beyond the numbers it prints and the log files it names.
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -25,18 +27,44 @@ struct SupervisorOptions {
   /// Prefix every line a worker writes with "[rank R] ". Workers then write into pipes the
   /// supervisor reads; otherwise they inherit its stdout and stderr untouched.
   bool rank_prefix = false;
-  /// Time between SIGTERM and SIGKILL when the job is stopped.
+  /// Time between SIGTERM and SIGKILL when the group is stopped.
   std::chrono::milliseconds grace_period{5000};
   /// Who speaks in our own messages, e.g. "accelerate launch".
   std::string name = "accelerate launch";
+  /// How many times a failed group is stopped and started again before the failure is final.
+  int max_restarts = 0;
+  /// How often worker states are checked besides the SIGCHLD that reports each exit at once.
+  std::chrono::milliseconds monitor_interval{100};
+  /// When not empty, each worker's stdout and stderr are appended to `<log_dir>/rank_<R>.log`
+  /// (the directory must exist), every attempt opening with a line "=== attempt N ===".
+  std::string log_dir;
+  /// With log_dir: also copy every line to our stdout/stderr, prefixed with "[rank R] ".
+  bool tee = false;
 };
 
 /// Exit status of the supervisor when a worker failed.
 inline constexpr int kWorkerFailedExitCode = 1;
 
-/// Starts every worker and waits for all of them. Returns 0 when all exit 0;
-/// kWorkerFailedExitCode when one exits non-zero or dies by a signal (the others are then stopped);
-/// 128 + N when signal N (SIGINT, SIGTERM or SIGHUP) asked us to stop.
+/// The workers of one attempt; `restart_count` is 0 for the first attempt, 1 after one restart.
+using WorkerFactory = std::function<std::vector<WorkerSpec>(int restart_count)>;
+
+/// Starts the workers `make_workers` returns and waits for all of them. When one exits non-zero
+/// or dies by a signal, the others are stopped (SIGTERM, SIGKILL after the grace period) and, up
+/// to options.max_restarts times, the factory is asked for a fresh group that is started in its
+/// place. Returns 0 when every worker of an attempt exits 0; kWorkerFailedExitCode when a failure
+/// is final; 128 + N when signal N (SIGINT, SIGTERM or SIGHUP) asked us to stop, which never
+/// restarts anything.
+///
+/// Example:
+///   int status = run_workers(
+///       [](int restart) {
+///         return std::vector<WorkerSpec>{{.path = "/bin/sh",
+///                                         .argv = {"sh", "-c", restart < 2 ? "exit 1" : "true"}}};
+///       },
+///       {.max_restarts = 3});  // 0, after two restarts
+int run_workers(const WorkerFactory& make_workers, const SupervisorOptions& options);
+
+/// The same workers for every attempt.
 ///
 /// Example:
 ///   int status = run_workers({{.rank = 0, .path = "/bin/echo", .argv = {"echo", "hi"}}},

@@ -1,9 +1,12 @@
 // Started by the checkpoint launch tests.
 //
 //   checkpoint_worker train --steps N --out F [--save-at K --dir D] [--resume --dir D]
+//                     [--auto --dir P --save-every S [--kill-rank R --kill-at K]]
 //       The resumable run of tests/support/resume_training.h, as many processes as the launcher
 //       started; process 0 writes the final parameters to F (safetensors) and prints
-//       "checkpoint_worker: OK".
+//       "checkpoint_worker: OK". With --auto, checkpoints are named automatically under P every
+//       S steps, and a run restarted by `accelerate launch --max_restarts` resumes by itself;
+//       --kill-rank/--kill-at make process R SIGKILL itself after K steps on the first attempt.
 //   checkpoint_worker save-loop --project P
 //       One process that resumes from the latest checkpoint under P (if any) and then saves
 //       automatically named checkpoints (total_limit 2) forever, printing "saved <c> <ms>" after
@@ -48,6 +51,14 @@ int train(int argc, char** argv) {
       run.directory = next();
     } else if (arg == "--resume") {
       run.resume = true;
+    } else if (arg == "--auto") {
+      run.automatic = true;
+    } else if (arg == "--save-every") {
+      run.save_every = std::stoll(next());
+    } else if (arg == "--kill-rank") {
+      run.kill_rank = std::stoi(next());
+    } else if (arg == "--kill-at") {
+      run.kill_at = std::stoll(next());
     } else if (arg == "--out") {
       out = next();
     } else {
