@@ -9,6 +9,8 @@ packages=(
   libcli11-dev                     # the `accelerate` command line
   nlohmann-json3-dev               # safetensors headers, checkpoint markers (JSON)
   libyaml-cpp-dev                  # `accelerate config` files (YAML, as Python Accelerate writes them)
+  libprotobuf-dev protobuf-compiler # TensorBoard event files (Event/Summary protobufs)
+  python3-protobuf                 # tests read our TensorBoard files back with an independent reader
   libgtest-dev                     # tests
   clang-format                     # formatting check in CI
 )

@@ -55,6 +55,35 @@ std::string join_rng(const std::vector<RNGType>& types) {
   return out.empty() ? "none" : out;
 }
 
+// log_with: every name known, "all" expanded in place, each built-in once, and a logging
+// directory for the trackers that write files.
+void resolve_trackers(const std::vector<TrackerSpec>& log_with, AcceleratorConfig& c) {
+  const auto& builtin = builtin_tracker_names();
+  for (const auto& spec : log_with) {
+    if (spec.tracker()) {
+      c.log_with.push_back(spec);
+      continue;
+    }
+    const std::string name = spec.name();
+    const bool known =
+        name == "all" || std::find(builtin.begin(), builtin.end(), name) != builtin.end();
+    TORCH_CHECK(known, "accelerate: log_with has unknown tracker \"", name,
+                "\"; known: tensorboard, jsonl, csv, all, or a GeneralTracker object");
+    for (const auto& n : name == "all" ? builtin : std::vector<std::string>{name}) {
+      const bool seen = std::any_of(c.log_with.begin(), c.log_with.end(),
+                                    [&](const auto& s) { return !s.tracker() && s.name() == n; });
+      if (seen) continue;
+      TORCH_CHECK(
+          !builtin_tracker_requires_logging_directory(n) || !c.project_config.logging_dir.empty(),
+          "accelerate: log_with \"", n,
+          "\" writes files and needs a logging directory: set project_dir or "
+          "project_config.logging_dir");
+      c.log_with.emplace_back(n);
+    }
+  }
+  c.sources["log_with"] = log_with.empty() ? "default" : "argument";
+}
+
 }  // namespace
 
 AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options,
@@ -110,6 +139,7 @@ AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options,
   src["project_dir"] = options.project_dir || options.project_config ? "argument" : "default";
   if (c.project_config.logging_dir.empty())
     c.project_config.logging_dir = c.project_config.project_dir;
+  resolve_trackers(options.log_with, c);
   TORCH_CHECK(!c.project_config.total_limit || *c.project_config.total_limit >= 1,
               "accelerate: project_config.total_limit must be >= 1, got ",
               c.project_config.total_limit.value_or(0));
@@ -160,6 +190,9 @@ std::string AcceleratorConfig::describe() const {
   line("cpu", cpu ? (*cpu ? "true" : "false") : "auto");
   line("rng_types", join_rng(rng_types));
   line("project_dir", project_config.project_dir.empty() ? "(none)" : project_config.project_dir);
+  std::string trackers;
+  for (const auto& spec : log_with) trackers += (trackers.empty() ? "" : ", ") + spec.name();
+  line("log_with", trackers.empty() ? "(none)" : trackers);
   line("dispatch_batches",
        dispatch_batches ? (*dispatch_batches ? "true" : "false") : "auto (iterable datasets)");
   line("even_batches", even_batches ? "true" : "false");

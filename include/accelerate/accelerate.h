@@ -17,9 +17,13 @@
 #include <accelerate/compat.h>
 #include <accelerate/data.h>
 #include <accelerate/environment.h>
+#include <accelerate/logging.h>
+#include <accelerate/memory.h>
 #include <accelerate/operations.h>
 #include <accelerate/optimizer_state.h>
+#include <accelerate/progress.h>
 #include <accelerate/random.h>
 #include <accelerate/safetensors.h>
 #include <accelerate/state.h>
+#include <accelerate/tracking.h>
 #include <accelerate/tree.h>

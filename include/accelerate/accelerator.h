@@ -29,6 +29,7 @@
 #include <accelerate/random.h>
 #include <accelerate/scheduler.h>
 #include <accelerate/state.h>
+#include <accelerate/tracking.h>
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -120,6 +121,10 @@ struct AcceleratorOptions {
   /// Shorthand for project_config.project_dir.
   std::optional<std::string> project_dir;
   std::optional<ProjectConfiguration> project_config;
+  /// Experiment trackers (Accelerate's `log_with`): "tensorboard", "jsonl", "csv", "all" (every
+  /// built-in one), and tracker objects (GeneralTracker). The built-in ones write under
+  /// project_config.logging_dir (default: project_dir), which they require. Default: none.
+  std::vector<TrackerSpec> log_with;
   /// Process 0 reads and sends the batches (default: for iterable datasets only).
   std::optional<bool> dispatch_batches;
   /// Wrap around so that every process gets the same number of batches (default true).
@@ -148,6 +153,8 @@ struct AcceleratorConfig {
   std::optional<bool> cpu;
   std::vector<RNGType> rng_types = {RNGType::GENERATOR};
   ProjectConfiguration project_config;
+  /// Checked, "all" expanded, repeated names dropped.
+  std::vector<TrackerSpec> log_with;
   std::optional<bool> dispatch_batches;
   bool even_batches = true;
   bool use_seedable_sampler = false;
@@ -227,7 +234,9 @@ struct AcceleratorCore {
   std::vector<LoaderSlot> loaders;
   std::vector<std::shared_ptr<Checkpointable>> custom_objects;
   std::shared_ptr<CheckpointHooks> hooks = std::make_shared<CheckpointHooks>();
-  std::shared_ptr<AutoResume> resume;  // set while a restarted run restores
+  std::shared_ptr<AutoResume> resume;                     // set while a restarted run restores
+  bool trackers_initialized = false;                      // init_trackers ran (on every process)
+  std::vector<std::shared_ptr<GeneralTracker>> trackers;  // main process only
 
   GradientSynchronizer* synchronizer(const torch::nn::Module* module) const;
   void unscale(OptimizerSlot& slot);
@@ -568,6 +577,38 @@ class Accelerator {
   /// The number of the next automatically named checkpoint.
   int64_t save_iteration() const { return core_->config.project_config.iteration; }
   void set_save_iteration(int64_t iteration) { core_->config.project_config.iteration = iteration; }
+
+  // ------------------------------------------------------------------ tracking
+
+  /// Starts the trackers named in log_with for a run called `project_name` (Accelerate's
+  /// `init_trackers`): the built-in ones write under `<logging_dir>/<project_name>/`,
+  /// `init_kwargs[name]` holds the options of tracker `name`, and a non-empty `config` is stored
+  /// as the run's hyperparameters. Only the main process creates and starts trackers; elsewhere
+  /// this returns at once. Call it once.
+  ///
+  /// Example:
+  /// \code
+  ///   accelerate::Accelerator acc({.project_dir = "runs", .log_with = {"tensorboard"}});
+  ///   acc.init_trackers("spirals", {{"lr", 1e-3}},
+  ///                     {{"tensorboard", {{"filename_suffix", ".a"}}}});
+  ///   acc.log({{"loss", 0.5}}, 1);
+  ///   acc.end_training();
+  /// \endcode
+  void init_trackers(const std::string& project_name, const LogValues& config = {},
+                     const TrackerInitKwargs& init_kwargs = {});
+  /// Logs `values` at `step` to every tracker, on the main process; elsewhere it returns at once
+  /// and costs nothing (no communication).
+  void log(const LogValues& values, std::optional<int64_t> step = std::nullopt);
+  /// The tracker called `name` (a built-in's name, or a custom tracker's name()). On the other
+  /// processes, which keep no trackers, a tracker that does nothing. A name not in log_with is
+  /// an error listing the available ones.
+  std::shared_ptr<GeneralTracker> get_tracker(const std::string& name) const;
+  /// The started trackers (empty on the other processes and before init_trackers).
+  const std::vector<std::shared_ptr<GeneralTracker>>& trackers() const { return core_->trackers; }
+  /// Finishes every tracker on the main process, then waits for every process (Accelerate's
+  /// `end_training`; the process group stays, unlike Accelerate's). Every process calls it. If a
+  /// tracker fails to finish, the main process still joins the others before it throws.
+  void end_training();
 
   // ------------------------------------------------------------------ processes
 

@@ -5,7 +5,7 @@
 /// Example:
 /// \code
 ///   accelerate::set_seed(42);                          // same seed everywhere
-///   accelerate::set_seed(42, /*device_specific=*/true); // 42 + process index
+///   accelerate::set_seed(42, {.device_specific = true}); // 42 + process index
 ///   accelerate::synchronize_rng_states(state, {accelerate::RNGType::TORCH});
 /// \endcode
 

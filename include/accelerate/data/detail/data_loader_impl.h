@@ -105,6 +105,8 @@ void DataLoader<Batch>::set_position(const LoaderPosition& position) {
               "accelerate: the loader position has a sampler generator state, but this loader's "
               "sampler has no generator");
   impl_->resume = position;
+  // iteration() is what training loops count epochs by: it must say the resumed epoch at once.
+  impl_->iteration = position.epoch;
 }
 
 // ---------------------------------------------------------------------- one iteration
