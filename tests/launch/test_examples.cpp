@@ -48,7 +48,9 @@ std::optional<double> number_after(const std::string& text, const std::string& l
 // `accelerate launch -n 2 [launch_args] build/examples/<name> [args]`, with no config file.
 RunResult launch_example(const std::string& name, const std::vector<std::string>& args,
                          const std::vector<std::string>& launch_args = {}) {
-  const std::string program = std::string(ACCELERATE_EXAMPLE_DIR) + "/" + name;
+  // A path join rather than string concatenation: GCC 12 at -O2 reports a false
+  // -Warray-bounds for `std::string(literal) + "/" + name` here.
+  const std::string program = (std::filesystem::path(ACCELERATE_EXAMPLE_DIR) / name).string();
   if (!std::filesystem::exists(program)) {
     RunResult missing;
     missing.output = program + " was not built (is the example in add_dependencies?)";
