@@ -396,6 +396,47 @@ int64_t parse_int(const std::string& text, const std::string& what) {
   TORCH_CHECK(false, "accelerate: load_state: ", what, " is \"", text, "\", not an integer");
 }
 
+fs::path rank_state_file(const fs::path& dir, int64_t rank) {
+  return dir / (std::string(kRngStateName) + "_" + std::to_string(rank) + ".safetensors");
+}
+
+fs::path custom_object_file(const fs::path& dir, size_t index) {
+  return dir / (std::string(kCustomCheckpointName) + "_" + std::to_string(index) + ".safetensors");
+}
+
+// One process's share of a checkpoint, read and checked before anything is changed.
+struct RankState {
+  safetensors::SafetensorsFile file;  // generator states and sampler states
+  std::vector<data::LoaderPosition> positions;
+  int64_t step = 0;
+};
+
+RankState read_rank_state(const fs::path& dir, int64_t rank, const char* op) {
+  const fs::path path = rank_state_file(dir, rank);
+  TORCH_CHECK(fs::exists(path), "accelerate: ", op, ": ", path, " is missing");
+  RankState out;
+  out.file = safetensors::load_file(path.string());
+  const auto& meta = out.file.metadata;
+  auto meta_int = [&](const std::string& key) {
+    auto it = meta.find(key);
+    TORCH_CHECK(it != meta.end(), "accelerate: ", op, ": ", path, " lacks \"", key, "\"");
+    return parse_int(it->second, path.string() + " \"" + key + "\"");
+  };
+  TORCH_CHECK(meta_int("process_index") == rank, "accelerate: ", op, ": ", path,
+              " belongs to another process");
+  const int64_t loaders = meta_int("num_data_loaders");
+  for (int64_t i = 0; i < loaders; ++i) {
+    const std::string key = "dataloader_" + std::to_string(i);
+    data::LoaderPosition pos;
+    pos.epoch = meta_int(key + ".epoch");
+    pos.batches_yielded = meta_int(key + ".batches_yielded");
+    pos.sampler_state = bytes_of(out.file.get(key + ".sampler_state"));
+    out.positions.push_back(std::move(pos));
+  }
+  out.step = meta_int("step");
+  return out;
+}
+
 // Publishes `partial` as `target`: atomically when `target` does not exist, or by swapping the
 // two directories (renameat2 RENAME_EXCHANGE) when it does, so that a crash at any moment leaves
 // a complete checkpoint at `target`.
@@ -427,6 +468,39 @@ fs::path normalized(const std::string& dir) {
   fs::path p = fs::absolute(fs::path(dir)).lexically_normal();
   if (p.filename().empty()) p = p.parent_path();
   return p;
+}
+
+// The objects whose state has a file of its own in a checkpoint.
+enum class SavedObject { kModel, kOptimizer, kScheduler, kCustomObject };
+
+// Loads object `index` of `kind` from checkpoint `dir` into what the Accelerator has prepared.
+void load_object(detail::AcceleratorCore& core, SavedObject kind, size_t index,
+                 const fs::path& dir) {
+  switch (kind) {
+    case SavedObject::kModel:
+      load_checkpoint_in_model(
+          *core.models[index],
+          (dir / indexed_file_name(kModelName, index, ".safetensors")).string(), {.strict = true});
+      break;
+    case SavedObject::kOptimizer:
+      load_optimizer_state(
+          *core.optimizers[index]->optimizer,
+          (dir / indexed_file_name(kOptimizerName, index, ".safetensors")).string());
+      break;
+    case SavedObject::kScheduler: {
+      const auto file = dir / indexed_file_name(kSchedulerName, index, ".json");
+      core.schedulers[index]->load_state_dict(scheduler_from_json(read_text(file), file.string()));
+      break;
+    }
+    case SavedObject::kCustomObject: {
+      auto file = safetensors::load_file(custom_object_file(dir, index).string());
+      ObjectState object;
+      for (auto& [name, tensor] : file.tensors) object.tensors.emplace_back(name, tensor.clone());
+      object.metadata = std::move(file.metadata);
+      core.custom_objects[index]->load_state_dict(object);
+      break;
+    }
+  }
 }
 
 }  // namespace
@@ -601,10 +675,7 @@ std::string Accelerator::save_state(const std::string& output_dir) {
       if (core.scaler) write_text(partial / kScalerName, scaler_json(core.scaler->state_dict()));
       for (size_t i = 0; i < core.custom_objects.size(); ++i) {
         auto object = core.custom_objects[i]->state_dict();
-        safetensors::save_file(object.tensors,
-                               (partial / (std::string(kCustomCheckpointName) + "_" +
-                                           std::to_string(i) + ".safetensors"))
-                                   .string(),
+        safetensors::save_file(object.tensors, custom_object_file(partial, i).string(),
                                object.metadata);
       }
     }
@@ -620,11 +691,7 @@ std::string Accelerator::save_state(const std::string& output_dir) {
       meta[key + ".batches_yielded"] = std::to_string(pos.batches_yielded);
       mine.emplace_back(key + ".sampler_state", tensor_of(pos.sampler_state));
     }
-    safetensors::save_file(
-        mine,
-        (partial / (std::string(kRngStateName) + "_" + std::to_string(rank) + ".safetensors"))
-            .string(),
-        meta);
+    safetensors::save_file(mine, rank_state_file(partial, rank).string(), meta);
   });
 
   // 3. The marker, last, then publication; old checkpoints go only once the new one is in place.
@@ -695,10 +762,6 @@ std::string Accelerator::load_state(const std::string& input_dir) {
     dir = root / name;
     picked = std::stoll(name.substr(std::string(kCheckpointPrefix).size()));
   }
-  const int rank = process_index();
-  const fs::path rank_file =
-      dir / (std::string(kRngStateName) + "_" + std::to_string(rank) + ".safetensors");
-
   on_all_processes(state, "load_state", [&] {
     // Everything that can be checked before changing anything.
     const auto info = read_checkpoint_info(dir.string());
@@ -708,7 +771,6 @@ std::string Accelerator::load_state(const std::string& input_dir) {
                 "; each process resumes its own generator states and data position, so resume "
                 "with the same number of processes (or load only the weights with "
                 "load_checkpoint_in_model)");
-    TORCH_CHECK(fs::exists(rank_file), "accelerate: load_state: ", rank_file, " is missing");
     auto check_count = [&](const char* what, int64_t saved, size_t have) {
       TORCH_CHECK(saved == static_cast<int64_t>(have), "accelerate: load_state: ", dir, " holds ",
                   saved, " ", what, ", this Accelerator has ", have,
@@ -721,60 +783,32 @@ std::string Accelerator::load_state(const std::string& input_dir) {
     TORCH_CHECK(!core.scaler || info.has_scaler, "accelerate: load_state: ", dir,
                 " has no loss scaler state (saved with mixed_precision=", info.mixed_precision,
                 "), this run uses fp16");
-    auto mine = safetensors::load_file(rank_file.string());
-    const auto& meta = mine.metadata;
-    auto meta_int = [&](const std::string& key) {
-      auto it = meta.find(key);
-      TORCH_CHECK(it != meta.end(), "accelerate: load_state: ", rank_file, " lacks \"", key, "\"");
-      return parse_int(it->second, rank_file.string() + " \"" + key + "\"");
-    };
-    TORCH_CHECK(meta_int("process_index") == rank, "accelerate: load_state: ", rank_file,
-                " belongs to another process");
-    check_count("data loader position(s)", meta_int("num_data_loaders"), core.loaders.size());
-    std::vector<data::LoaderPosition> positions;
-    for (size_t i = 0; i < core.loaders.size(); ++i) {
-      const std::string key = "dataloader_" + std::to_string(i);
-      data::LoaderPosition pos;
-      pos.epoch = meta_int(key + ".epoch");
-      pos.batches_yielded = meta_int(key + ".batches_yielded");
-      pos.sampler_state = bytes_of(mine.get(key + ".sampler_state"));
-      positions.push_back(std::move(pos));
-    }
-    const int64_t step = meta_int("step");
+    const auto mine = read_rank_state(dir, process_index(), "load_state");
+    check_count("data loader position(s)", static_cast<int64_t>(mine.positions.size()),
+                core.loaders.size());
 
     // Now load.
     std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
     for (auto& [id, hook] : core.hooks->load) hook(models, dir.string());
     check_count("model(s)", info.num_models, models.size());
-    for (size_t i = 0; i < models.size(); ++i) {
-      load_checkpoint_in_model(*models[i],
-                               (dir / indexed_file_name(kModelName, i, ".safetensors")).string(),
-                               {.strict = true});
-    }
+    for (size_t i = 0; i < models.size(); ++i) load_object(core, SavedObject::kModel, i, dir);
     for (size_t i = 0; i < core.optimizers.size(); ++i) {
-      load_optimizer_state(*core.optimizers[i]->optimizer,
-                           (dir / indexed_file_name(kOptimizerName, i, ".safetensors")).string());
+      load_object(core, SavedObject::kOptimizer, i, dir);
     }
     for (size_t i = 0; i < core.schedulers.size(); ++i) {
-      const auto file = dir / indexed_file_name(kSchedulerName, i, ".json");
-      core.schedulers[i]->load_state_dict(scheduler_from_json(read_text(file), file.string()));
+      load_object(core, SavedObject::kScheduler, i, dir);
     }
     if (core.scaler) {
       const auto file = dir / kScalerName;
       core.scaler->load_state_dict(scaler_from_json(read_text(file), file.string()));
     }
     for (size_t i = 0; i < core.custom_objects.size(); ++i) {
-      auto file = safetensors::load_file(
-          (dir / (std::string(kCustomCheckpointName) + "_" + std::to_string(i) + ".safetensors"))
-              .string());
-      ObjectState object;
-      for (auto& [name, tensor] : file.tensors) object.tensors.emplace_back(name, tensor.clone());
-      object.metadata = std::move(file.metadata);
-      core.custom_objects[i]->load_state_dict(object);
+      load_object(core, SavedObject::kCustomObject, i, dir);
     }
-    restore_generators(mine);
-    for (size_t i = 0; i < core.loaders.size(); ++i) core.loaders[i].set_position(positions[i]);
-    core.step = step;
+    restore_generators(mine.file);
+    for (size_t i = 0; i < core.loaders.size(); ++i)
+      core.loaders[i].set_position(mine.positions[i]);
+    core.step = mine.step;
   });
   if (picked) project.iteration = *picked + 1;
   return dir.string();
@@ -787,8 +821,7 @@ namespace detail {
 struct AutoResume {
   fs::path dir;
   CheckpointInfo info;
-  safetensors::SafetensorsFile mine;
-  std::vector<data::LoaderPosition> positions;
+  RankState mine;
   std::map<int, int64_t> restored;  // ResumeKind -> objects restored so far
 };
 
@@ -821,25 +854,8 @@ void Accelerator::begin_auto_resume() {
     TORCH_CHECK(resume->info.world_size == num_processes(), "accelerate: restart: ", resume->dir,
                 " was saved by ", resume->info.world_size, " process(es) and this run has ",
                 num_processes());
-    const fs::path rank_file = resume->dir / (std::string(kRngStateName) + "_" +
-                                              std::to_string(process_index()) + ".safetensors");
-    resume->mine = safetensors::load_file(rank_file.string());
-    const auto& meta = resume->mine.metadata;
-    auto meta_int = [&](const std::string& key) {
-      auto it = meta.find(key);
-      TORCH_CHECK(it != meta.end(), "accelerate: restart: ", rank_file, " lacks \"", key, "\"");
-      return parse_int(it->second, rank_file.string() + " \"" + key + "\"");
-    };
-    const int64_t loaders = meta_int("num_data_loaders");
-    for (int64_t i = 0; i < loaders; ++i) {
-      const std::string key = "dataloader_" + std::to_string(i);
-      data::LoaderPosition pos;
-      pos.epoch = meta_int(key + ".epoch");
-      pos.batches_yielded = meta_int(key + ".batches_yielded");
-      pos.sampler_state = bytes_of(resume->mine.get(key + ".sampler_state"));
-      resume->positions.push_back(std::move(pos));
-    }
-    core.step = meta_int("step");
+    resume->mine = read_rank_state(resume->dir, process_index(), "restart");
+    core.step = resume->mine.step;
     if (core.scaler && resume->info.has_scaler) {
       const auto file = resume->dir / kScalerName;
       core.scaler->load_state_dict(scaler_from_json(read_text(file), file.string()));
@@ -866,43 +882,31 @@ void Accelerator::resume_next(ResumeKind kind) {
                 ", and this run prepares more; prepare the same objects as the run that saved it");
   };
   const auto i = static_cast<size_t>(index);
+  auto restore = [&](SavedObject saved, const char* what, int64_t count) {
+    check(what, count);
+    load_object(core, saved, i, dir);
+  };
   switch (kind) {
     case ResumeKind::kModel:
-      check("model(s)", info.num_models);
-      load_checkpoint_in_model(*core.models[i],
-                               (dir / indexed_file_name(kModelName, i, ".safetensors")).string(),
-                               {.strict = true});
+      restore(SavedObject::kModel, "model(s)", info.num_models);
       break;
     case ResumeKind::kOptimizer:
-      check("optimizer(s)", info.num_optimizers);
-      load_optimizer_state(*core.optimizers[i]->optimizer,
-                           (dir / indexed_file_name(kOptimizerName, i, ".safetensors")).string());
+      restore(SavedObject::kOptimizer, "optimizer(s)", info.num_optimizers);
       break;
-    case ResumeKind::kScheduler: {
-      check("scheduler(s)", info.num_schedulers);
-      const auto file = dir / indexed_file_name(kSchedulerName, i, ".json");
-      core.schedulers[i]->load_state_dict(scheduler_from_json(read_text(file), file.string()));
+    case ResumeKind::kScheduler:
+      restore(SavedObject::kScheduler, "scheduler(s)", info.num_schedulers);
       break;
-    }
+    case ResumeKind::kCustomObject:
+      restore(SavedObject::kCustomObject, "registered object(s)", info.num_custom_objects);
+      break;
     case ResumeKind::kDataLoader:
-      check("data loader(s)", static_cast<int64_t>(resume.positions.size()));
-      core.loaders[i].set_position(resume.positions[i]);
+      check("data loader(s)", static_cast<int64_t>(resume.mine.positions.size()));
+      core.loaders[i].set_position(resume.mine.positions[i]);
       break;
-    case ResumeKind::kCustomObject: {
-      check("registered object(s)", info.num_custom_objects);
-      auto file = safetensors::load_file(
-          (dir / (std::string(kCustomCheckpointName) + "_" + std::to_string(i) + ".safetensors"))
-              .string());
-      ObjectState object;
-      for (auto& [name, tensor] : file.tensors) object.tensors.emplace_back(name, tensor.clone());
-      object.metadata = std::move(file.metadata);
-      core.custom_objects[i]->load_state_dict(object);
-      break;
-    }
   }
   // Building the next objects may draw random numbers; the state after the last restore is the
   // saved one, as training expects.
-  restore_generators(resume.mine);
+  restore_generators(resume.mine.file);
 }
 
 void Accelerator::end_auto_resume() {
@@ -920,7 +924,8 @@ void Accelerator::end_auto_resume() {
   check(ResumeKind::kModel, "model(s)", info.num_models);
   check(ResumeKind::kOptimizer, "optimizer(s)", info.num_optimizers);
   check(ResumeKind::kScheduler, "scheduler(s)", info.num_schedulers);
-  check(ResumeKind::kDataLoader, "data loader(s)", static_cast<int64_t>(resume->positions.size()));
+  check(ResumeKind::kDataLoader, "data loader(s)",
+        static_cast<int64_t>(resume->mine.positions.size()));
   check(ResumeKind::kCustomObject, "registered object(s)", info.num_custom_objects);
 }
 

@@ -1,5 +1,7 @@
 #include "accelerate/tracking.h"
 
+#include "accelerate/safetensors.h"
+
 #include "proto/tensorboard_event.pb.h"
 
 #include <c10/util/Exception.h>
@@ -209,19 +211,9 @@ void check_no_step_value(const std::string& tracker, const LogValues& values) {
               " tracker writes the step itself: rename the value called \"step\"");
 }
 
-// Writes `contents` to `path` through a temporary file and a rename, so that a reader never
-// sees half a file.
+// A reader (TensorBoard, a spreadsheet, a tail -f) never sees half a rewritten file.
 void write_file_atomically(const std::string& path, const std::string& contents) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << contents;
-    out.flush();
-    TORCH_CHECK(out.good(), "accelerate: cannot write ", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  TORCH_CHECK(!ec, "accelerate: cannot rename ", tmp, " to ", path, ": ", ec.message());
+  safetensors::detail::write_file_atomically(path, {{contents.data(), contents.size()}});
 }
 
 std::string read_file(const std::string& path) {

@@ -13,13 +13,18 @@
 #       its default, builds only the `consumer` target (the library and nothing else of
 #       accelerate-cpp's), and runs it. <work-dir> is kept between runs, so after the first
 #       (a full library build, minutes) only what changed is rebuilt.
+#   run.sh no-tools     <accelerate-source-dir> <work-dir>
+#       Configures accelerate-cpp itself with ACCELERATE_BUILD_TOOLS=OFF while CLI11 and yaml-cpp
+#       are made unfindable (CMAKE_DISABLE_FIND_PACKAGE_*): the library alone must not need them.
+#       Then checks that asking for the tests without the tools stops with a message naming the
+#       option. Configure only: seconds.
 #
 # Environment: CONSUMER_GENERATOR, CONSUMER_CXX_COMPILER, CONSUMER_BUILD_TYPE (consumer.cmake
 # passes those of the outer build), CONSUMER_CMAKE_ARGS (more configure arguments, split on
 # spaces), CONSUMER_JOBS (parallel build jobs; default: nproc).
 set -euo pipefail
 
-mode=${1:?usage: run.sh package|subdirectory <accelerate-build-or-source-dir> <work-dir>}
+mode=${1:?usage: run.sh package|subdirectory|no-tools <accelerate-build-or-source-dir> <work-dir>}
 accelerate=$(cd "${2:?missing accelerate directory}" && pwd)
 work=${3:?missing work directory}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -89,8 +94,31 @@ subdirectory)
   cmake -S "$here" -B "$build" -DCONSUMER_MODE=subdirectory -DACCELERATE_SOURCE_DIR="$accelerate" \
     "${extra[@]}"
   ;;
+no-tools)
+  build=$work/build-no-tools
+  rm -rf "$build"
+  step "configure $accelerate with ACCELERATE_BUILD_TOOLS=OFF, without CLI11 and yaml-cpp"
+  cmake -S "$accelerate" -B "$build" -DACCELERATE_BUILD_TOOLS=OFF -DACCELERATE_BUILD_TESTS=OFF \
+    -DACCELERATE_BUILD_EXAMPLES=OFF -DACCELERATE_BUILD_BENCHMARKS=OFF \
+    -DCMAKE_DISABLE_FIND_PACKAGE_CLI11=ON -DCMAKE_DISABLE_FIND_PACKAGE_yaml-cpp=ON \
+    "${extra[@]}" >"$work/no-tools.log" 2>&1 ||
+    fail "the library alone does not configure without CLI11 and yaml-cpp: $(cat "$work/no-tools.log")"
+  grep -q '^ACCELERATE_BUILD_TOOLS:BOOL=OFF' "$build/CMakeCache.txt" ||
+    fail "ACCELERATE_BUILD_TOOLS=OFF did not reach the cache"
+  rm -rf "$build"
+  step "ACCELERATE_BUILD_TOOLS=OFF with the tests on must be refused"
+  if cmake -S "$accelerate" -B "$build" -DACCELERATE_BUILD_TOOLS=OFF -DACCELERATE_BUILD_TESTS=ON \
+    "${extra[@]}" >"$work/no-tools-tests.log" 2>&1; then
+    fail "ACCELERATE_BUILD_TOOLS=OFF with ACCELERATE_BUILD_TESTS=ON configured"
+  fi
+  grep -q "ACCELERATE_BUILD_TOOLS=OFF needs ACCELERATE_BUILD_TESTS=OFF" "$work/no-tools-tests.log" ||
+    fail "the refusal does not name the options: $(cat "$work/no-tools-tests.log")"
+  rm -rf "$build"
+  step "OK"
+  exit 0
+  ;;
 *)
-  fail "unknown mode '$mode' (package or subdirectory)"
+  fail "unknown mode '$mode' (package, subdirectory or no-tools)"
   ;;
 esac
 

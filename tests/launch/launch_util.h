@@ -60,12 +60,13 @@ struct RunResult {
   bool timed_out = false;
 };
 
-/// Path of the `accelerate` executable under test (set by CMake).
-/// Variables a test runner may have set that would change how a worker finds its peers.
+/// Variables a test runner may have set that would change what a launched worker sees: how it
+/// finds its peers, its precision and threads, and the launcher's restart bookkeeping.
 inline const std::vector<std::string> kLaunchVariables = {"RANK",
                                                           "WORLD_SIZE",
                                                           "LOCAL_RANK",
                                                           "LOCAL_WORLD_SIZE",
+                                                          "GROUP_RANK",
                                                           "MASTER_ADDR",
                                                           "MASTER_PORT",
                                                           "OMPI_COMM_WORLD_RANK",
@@ -74,8 +75,23 @@ inline const std::vector<std::string> kLaunchVariables = {"RANK",
                                                           "PMI_SIZE",
                                                           "SLURM_PROCID",
                                                           "SLURM_NTASKS",
-                                                          "ACCELERATE_DEBUG_MODE"};
+                                                          "ACCELERATE_USE_CPU",
+                                                          "ACCELERATE_MIXED_PRECISION",
+                                                          "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                                                          "ACCELERATE_DEBUG_MODE",
+                                                          "ACCELERATE_RESTART_COUNT",
+                                                          "TORCHELASTIC_RESTART_COUNT",
+                                                          "TORCHELASTIC_MAX_RESTARTS",
+                                                          "OMP_NUM_THREADS",
+                                                          "OPENBLAS_NUM_THREADS",
+                                                          "MKL_NUM_THREADS",
+                                                          "GLIBC_TUNABLES",
+                                                          "MALLOC_MMAP_THRESHOLD_",
+                                                          "MALLOC_TRIM_THRESHOLD_",
+                                                          "CUDA_VISIBLE_DEVICES",
+                                                          "XDG_CACHE_HOME"};
 
+/// Path of the `accelerate` executable under test (set by CMake).
 inline std::string cli_path() {
 #ifdef ACCELERATE_CLI_PATH
   return ACCELERATE_CLI_PATH;
@@ -357,6 +373,35 @@ inline std::vector<std::string> split_lines(const std::string& text) {
   std::istringstream in(text);
   for (std::string line; std::getline(in, line);) lines.push_back(line);
   return lines;
+}
+
+inline bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+/// How often `part` occurs in `text`, overlaps included.
+inline std::size_t count_of(const std::string& text, const std::string& part) {
+  std::size_t n = 0;
+  for (auto at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++n;
+  return n;
+}
+
+/// The lines of `output` that start with `prefix` (e.g. "probe "), each as a map of its
+/// NAME=VALUE words; the workers of the launch tests report what they saw this way.
+inline std::vector<std::map<std::string, std::string>> key_value_lines(const std::string& output,
+                                                                       const std::string& prefix) {
+  std::vector<std::map<std::string, std::string>> all;
+  for (const auto& line : split_lines(output)) {
+    if (line.rfind(prefix, 0) != 0) continue;
+    std::map<std::string, std::string> report;
+    std::istringstream words(line.substr(prefix.size()));
+    for (std::string word; words >> word;) {
+      const auto eq = word.find('=');
+      if (eq != std::string::npos) report[word.substr(0, eq)] = word.substr(eq + 1);
+    }
+    all.push_back(std::move(report));
+  }
+  return all;
 }
 
 }  // namespace accelerate::testing

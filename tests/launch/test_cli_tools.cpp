@@ -17,6 +17,7 @@
 namespace {
 
 using accelerate::testing::cli_path;
+using accelerate::testing::contains;
 using accelerate::testing::run_command;
 using accelerate::testing::RunResult;
 using accelerate::testing::split_lines;
@@ -29,10 +30,6 @@ void write_file(const std::filesystem::path& path, const std::string& contents) 
   std::ofstream out(path, std::ios::binary);
   out << contents;
   ASSERT_TRUE(out.good()) << path;
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 // Keeps the user's own default config (and launch variables a test runner may have set) away

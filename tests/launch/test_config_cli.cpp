@@ -509,3 +509,17 @@ TEST(ConfigCli, WrittenFileReadsBackUnchanged) {
 }
 
 }  // namespace
+
+TEST(ConfigCli, HelpOfANestedSubcommandIsThatSubcommands) {
+  auto def = accelerate_config({"default", "-h"});
+  ASSERT_EQ(def.exit_code, 0) << def.output;
+  EXPECT_NE(def.output.find("Usage: accelerate config default"), std::string::npos) << def.output;
+  EXPECT_NE(def.output.find("--mixed_precision"), std::string::npos) << def.output;
+  // The parent's footer (the interactive session) is not default's help.
+  EXPECT_EQ(def.output.find("Without a subcommand"), std::string::npos) << def.output;
+
+  auto config = accelerate_config({"-h"});
+  ASSERT_EQ(config.exit_code, 0) << config.output;
+  EXPECT_NE(config.output.find("Usage: accelerate config"), std::string::npos) << config.output;
+  EXPECT_NE(config.output.find("Without a subcommand"), std::string::npos) << config.output;
+}

@@ -11,6 +11,7 @@
 #include <vector>
 
 using accelerate::testing::cli_path;
+using accelerate::testing::count_of;
 using accelerate::testing::kLaunchVariables;
 using accelerate::testing::run_command;
 using accelerate::testing::worker_path;
@@ -18,12 +19,6 @@ using accelerate::testing::worker_path;
 namespace {
 
 constexpr auto kTimeout = std::chrono::seconds(120);
-
-size_t count(const std::string& text, const std::string& part) {
-  size_t n = 0;
-  for (size_t pos = 0; (pos = text.find(part, pos)) != std::string::npos; pos += part.size()) ++n;
-  return n;
-}
 
 }  // namespace
 
@@ -37,8 +32,8 @@ TEST_P(DataThroughLauncher, GatherForMetricsCountsEverySampleOnce) {
   if (!flag.empty()) argv.push_back(flag);
   auto r = run_command(argv, kTimeout, {}, kLaunchVariables);
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_EQ(count(r.output, "data_worker: OK 23\n"), 1u) << r.output;
-  EXPECT_EQ(count(r.output, "FAILED"), 0u) << r.output;
+  EXPECT_EQ(count_of(r.output, "data_worker: OK 23\n"), 1u) << r.output;
+  EXPECT_EQ(count_of(r.output, "FAILED"), 0u) << r.output;
 }
 
 INSTANTIATE_TEST_SUITE_P(Launch, DataThroughLauncher,

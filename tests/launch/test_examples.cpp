@@ -14,6 +14,8 @@
 #ifdef ACCELERATE_EXAMPLE_DIR
 
 using accelerate::testing::cli_path;
+using accelerate::testing::contains;
+using accelerate::testing::count_of;
 using accelerate::testing::isolated_hf_home;
 using accelerate::testing::kLaunchVariables;
 using accelerate::testing::run_command;
@@ -23,16 +25,6 @@ using accelerate::testing::TempDir;
 namespace {
 
 constexpr auto kTimeout = std::chrono::seconds(120);
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
-size_t count(const std::string& text, const std::string& part) {
-  size_t n = 0;
-  for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++n;
-  return n;
-}
 
 // The number printed right after the last occurrence of `label` (for example "accuracy ").
 std::optional<double> number_after(const std::string& text, const std::string& label) {
@@ -103,7 +95,7 @@ TEST(ExamplesThroughLauncher, CheckpointingResumesASecondRun) {
   const auto first = launch_example("checkpointing", {"--project_dir", project, "--epochs", "3"});
   ASSERT_EQ(first.exit_code, 0) << first.output;
   EXPECT_TRUE(contains(first.output, "starting from scratch")) << first.output;
-  EXPECT_EQ(count(first.output, ": train loss "), 3u) << first.output;
+  EXPECT_EQ(count_of(first.output, ": train loss "), 3u) << first.output;
 
   const auto second = launch_example("checkpointing", {"--project_dir", project, "--epochs", "6"});
   ASSERT_EQ(second.exit_code, 0) << second.output;

@@ -22,7 +22,11 @@ namespace {
 
 using accelerate::testing::ChildProcess;
 using accelerate::testing::cli_path;
+using accelerate::testing::contains;
+using accelerate::testing::count_of;
 using accelerate::testing::free_port;
+using accelerate::testing::key_value_lines;
+using accelerate::testing::kLaunchVariables;
 using accelerate::testing::read_text_file;
 using accelerate::testing::run_command;
 using accelerate::testing::RunResult;
@@ -33,20 +37,6 @@ using accelerate::testing::worker_path;
 
 constexpr auto kTimeout = std::chrono::seconds(30);
 
-// What the test runner's environment might hold that would change what the workers see.
-const std::vector<std::string> kInheritedVariables = {"RANK",
-                                                      "WORLD_SIZE",
-                                                      "LOCAL_RANK",
-                                                      "MASTER_ADDR",
-                                                      "MASTER_PORT",
-                                                      "ACCELERATE_RESTART_COUNT",
-                                                      "XDG_CACHE_HOME",
-                                                      "CUDA_VISIBLE_DEVICES",
-                                                      "TORCHELASTIC_RESTART_COUNT",
-                                                      "TORCHELASTIC_MAX_RESTARTS",
-                                                      "ACCELERATE_MIXED_PRECISION",
-                                                      "ACCELERATE_DEBUG_MODE"};
-
 std::vector<std::string> launch(const std::vector<std::string>& options,
                                 const std::vector<std::string>& probe_args) {
   std::vector<std::string> argv = {cli_path(), "launch"};
@@ -56,49 +46,17 @@ std::vector<std::string> launch(const std::vector<std::string>& options,
   return argv;
 }
 
-// An HF_HOME without a default config file, so that the machine's own cannot interfere.
-std::map<std::string, std::string> isolated() {
-  static const TempDir empty_hf_home;
-  return {{"HF_HOME", empty_hf_home.path().string()}};
-}
-
 // Runs the launch to its end. The probes meet at a barrier first, so that no rank is stopped by
 // another's failure before it has reported.
 RunResult run_launch(const std::vector<std::string>& options, std::vector<std::string> probe_args) {
   const TempDir barrier;
   probe_args.insert(probe_args.end(), {"--barrier", barrier.path().string()});
-  return run_command(launch(options, probe_args), kTimeout, isolated(), kInheritedVariables);
+  return run_command(launch(options, probe_args), kTimeout, {}, kLaunchVariables);
 }
 
 ChildProcess start_launch(const std::vector<std::string>& options,
                           const std::vector<std::string>& probe_args) {
-  return ChildProcess::start(launch(options, probe_args), isolated(), kInheritedVariables);
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
-std::size_t count_of(const std::string& text, const std::string& part) {
-  std::size_t n = 0;
-  for (auto at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++n;
-  return n;
-}
-
-// Each "restart NAME=VALUE ..." report, as a map.
-std::vector<std::map<std::string, std::string>> reports(const std::string& output) {
-  std::vector<std::map<std::string, std::string>> all;
-  for (const auto& line : split_lines(output)) {
-    if (line.rfind("restart ", 0) != 0) continue;
-    std::map<std::string, std::string> report;
-    std::istringstream words(line.substr(8));
-    for (std::string word; words >> word;) {
-      const auto eq = word.find('=');
-      if (eq != std::string::npos) report[word.substr(0, eq)] = word.substr(eq + 1);
-    }
-    all.push_back(report);
-  }
-  return all;
+  return ChildProcess::start(launch(options, probe_args), {}, kLaunchVariables);
 }
 
 // The pid restart_probe wrote for (restart, rank), or 0 while there is none.
@@ -136,7 +94,7 @@ TEST(RestartOnFailure, GroupRecoversWithinMaxRestarts) {
   // Every rank ran in every attempt and saw its restart count under both names.
   std::set<std::pair<std::string, std::string>> seen;  // (rank, restart count)
   std::map<std::string, std::set<std::string>> ports;  // restart count -> MASTER_PORTs
-  for (const auto& report : reports(r.output)) {
+  for (const auto& report : key_value_lines(r.output, "restart ")) {
     EXPECT_EQ(report.at("TORCHELASTIC_RESTART_COUNT"), report.at("ACCELERATE_RESTART_COUNT"));
     EXPECT_EQ(report.at("TORCHELASTIC_MAX_RESTARTS"), "3");
     seen.emplace(report.at("RANK"), report.at("ACCELERATE_RESTART_COUNT"));
@@ -179,7 +137,7 @@ TEST(RestartOnFailure, UserGivenPortIsKeptAcrossRestarts) {
   auto r = run_launch({"-n", "2", "--max_restarts", "2", "--main_process_port", port},
                       {"--report", "--fail-rank", "0", "--fail-until", "2"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto all = reports(r.output);
+  const auto all = key_value_lines(r.output, "restart ");
   EXPECT_EQ(all.size(), 6u) << r.output;
   for (const auto& report : all) EXPECT_EQ(report.at("MASTER_PORT"), port) << r.output;
 }

@@ -26,7 +26,11 @@ namespace {
 
 using accelerate::testing::ChildProcess;
 using accelerate::testing::cli_path;
+using accelerate::testing::contains;
+using accelerate::testing::count_of;
 using accelerate::testing::free_port;
+using accelerate::testing::key_value_lines;
+using accelerate::testing::kLaunchVariables;
 using accelerate::testing::process_exists;
 using accelerate::testing::read_text_file;
 using accelerate::testing::run_command;
@@ -38,30 +42,6 @@ using accelerate::testing::worker_path;
 
 constexpr auto kTimeout = std::chrono::seconds(30);
 
-// What the test runner's environment might hold that would change what the workers see.
-const std::vector<std::string> kInheritedVariables = {"RANK",
-                                                      "WORLD_SIZE",
-                                                      "LOCAL_RANK",
-                                                      "LOCAL_WORLD_SIZE",
-                                                      "GROUP_RANK",
-                                                      "MASTER_ADDR",
-                                                      "MASTER_PORT",
-                                                      "ACCELERATE_USE_CPU",
-                                                      "ACCELERATE_MIXED_PRECISION",
-                                                      "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
-                                                      "ACCELERATE_DEBUG_MODE",
-                                                      "OMP_NUM_THREADS",
-                                                      "OPENBLAS_NUM_THREADS",
-                                                      "MKL_NUM_THREADS",
-                                                      "GLIBC_TUNABLES",
-                                                      "MALLOC_MMAP_THRESHOLD_",
-                                                      "MALLOC_TRIM_THRESHOLD_",
-                                                      "CUDA_VISIBLE_DEVICES",
-                                                      "ACCELERATE_RESTART_COUNT",
-                                                      "TORCHELASTIC_RESTART_COUNT",
-                                                      "TORCHELASTIC_MAX_RESTARTS",
-                                                      "XDG_CACHE_HOME"};
-
 std::string probe() {
   return worker_path("launch_probe");
 }
@@ -71,47 +51,14 @@ std::vector<std::string> launch(std::vector<std::string> args) {
   return args;
 }
 
-// HF_HOME for every launch: a directory with no accelerate/default_config.yaml in it.
-std::map<std::string, std::string> isolated(std::map<std::string, std::string> env = {}) {
-  static const TempDir empty_hf_home;
-  env.emplace("HF_HOME", empty_hf_home.path().string());
-  return env;
-}
-
 RunResult run_launch(std::vector<std::string> args,
                      const std::map<std::string, std::string>& env = {}) {
-  return run_command(launch(std::move(args)), kTimeout, isolated(env), kInheritedVariables);
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-
-std::size_t count_of(const std::string& text, const std::string& part) {
-  std::size_t n = 0;
-  for (auto at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++n;
-  return n;
-}
-
-// Each "probe NAME=VALUE ..." line of the output, as a map.
-std::vector<std::map<std::string, std::string>> probe_reports(const std::string& output) {
-  std::vector<std::map<std::string, std::string>> reports;
-  for (const auto& line : split_lines(output)) {
-    if (line.rfind("probe ", 0) != 0) continue;
-    std::map<std::string, std::string> report;
-    std::istringstream words(line.substr(6));
-    for (std::string word; words >> word;) {
-      const auto eq = word.find('=');
-      if (eq != std::string::npos) report[word.substr(0, eq)] = word.substr(eq + 1);
-    }
-    reports.push_back(report);
-  }
-  return reports;
+  return run_command(launch(std::move(args)), kTimeout, env, kLaunchVariables);
 }
 
 std::map<int, std::map<std::string, std::string>> reports_by_rank(const std::string& output) {
   std::map<int, std::map<std::string, std::string>> by_rank;
-  for (auto& report : probe_reports(output)) {
+  for (auto& report : key_value_lines(output, "probe ")) {
     by_rank[std::stoi(report.at("RANK"))] = report;
   }
   return by_rank;
@@ -257,7 +204,7 @@ TEST(LaunchEnvironment, TwoMachinesOnOneHostNumberRanksAcrossMachines) {
     launchers.push_back(ChildProcess::start(
         launch({"-n", "2", "--num_machines", "2", "--machine_rank", machine_rank,
                 "--main_process_port", port, probe(), "--print-env"}),
-        isolated(), kInheritedVariables));
+        {}, kLaunchVariables));
   }
   std::map<int, std::map<std::string, std::string>> ranks;
   for (auto& launcher : launchers) {
@@ -280,9 +227,8 @@ TEST(LaunchEnvironment, ConcurrentLaunchesGetDifferentPorts) {
   std::vector<ChildProcess> launchers;
   for (int i = 0; i < 2; ++i) {
     // The workers linger so that the two jobs overlap, as two users' jobs would.
-    launchers.push_back(
-        ChildProcess::start(launch({"-n", "2", probe(), "--print-env", "--sleep", "0.5"}),
-                            isolated(), kInheritedVariables));
+    launchers.push_back(ChildProcess::start(
+        launch({"-n", "2", probe(), "--print-env", "--sleep", "0.5"}), {}, kLaunchVariables));
   }
   std::vector<std::string> ports;
   for (auto& launcher : launchers) {
@@ -394,7 +340,7 @@ TEST_P(LaunchSignal, SignalToLauncherStopsEveryWorker) {
   TempDir pids;
   auto launcher =
       ChildProcess::start(launch({"-n", "2", probe(), "--pid-dir", pids.path(), "--sleep", "60"}),
-                          isolated(), kInheritedVariables);
+                          {}, kLaunchVariables);
   ASSERT_TRUE(wait_until([&] { return pid_file_count(pids.path()) == 2; }, kTimeout));
   const auto signalled = std::chrono::steady_clock::now();
   ASSERT_EQ(::kill(launcher.pid(), sig), 0);
@@ -416,7 +362,7 @@ TEST(LaunchFailure, KilledLauncherTakesItsWorkersAlong) {
   TempDir pids;
   auto launcher =
       ChildProcess::start(launch({"-n", "2", probe(), "--pid-dir", pids.path(), "--sleep", "60"}),
-                          isolated(), kInheritedVariables);
+                          {}, kLaunchVariables);
   ASSERT_TRUE(wait_until([&] { return pid_file_count(pids.path()) == 2; }, kTimeout));
   ASSERT_EQ(::kill(launcher.pid(), SIGKILL), 0);
   auto r = launcher.wait(std::chrono::seconds(10));
@@ -595,7 +541,7 @@ TEST_P(LaunchCommandLine, IsRefusedWithOneLineAndStatus2) {
       argv.push_back(a);
     }
   }
-  auto r = run_command(argv, kTimeout, isolated(), kInheritedVariables);
+  auto r = run_command(argv, kTimeout, {}, kLaunchVariables);
   EXPECT_EQ(r.exit_code, 2) << r.output;
   ASSERT_FALSE(r.output.empty());
   EXPECT_EQ(r.output.back(), '\n') << r.output;

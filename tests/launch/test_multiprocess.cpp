@@ -11,6 +11,7 @@
 
 using accelerate::testing::ChildProcess;
 using accelerate::testing::cli_path;
+using accelerate::testing::contains;
 using accelerate::testing::free_port;
 using accelerate::testing::kLaunchVariables;
 using accelerate::testing::run_command;
@@ -20,10 +21,6 @@ using accelerate::testing::worker_path;
 namespace {
 
 constexpr auto kTimeout = std::chrono::seconds(120);
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
 
 // Starts one process per entry of `envs` directly (no launcher) and waits for all of them.
 std::vector<RunResult> run_processes(const std::vector<std::string>& argv,

@@ -64,10 +64,14 @@ int run_main(int argc, char** argv) {
   try {
     app.parse(args);
   } catch (const CLI::CallForHelp&) {
-    // Help for the subcommand the user asked about, not the whole tree.
+    // Help for the innermost subcommand given ("accelerate config default -h"), not the whole tree.
     const CLI::App* target = &app;
-    for (const CLI::App* sub : app.get_subcommands()) target = sub;
-    std::cout << target->help(target == &app ? "" : "accelerate");
+    std::string prefix;
+    while (!target->get_subcommands().empty()) {
+      prefix += (prefix.empty() ? "" : " ") + target->get_name();
+      target = target->get_subcommands().back();
+    }
+    std::cout << target->help(prefix);
     return 0;
   } catch (const CLI::ParseError& e) {
     return usage_error(who, e.what(), who);

@@ -14,6 +14,8 @@
 //     --sleep S                  every other rank sleeps S seconds (default 0), then exits 0
 //     --ignore-sigterm           ignore SIGTERM (the launcher must fall back to SIGKILL)
 
+#include "probe_util.h"
+
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -31,21 +33,8 @@
 
 namespace {
 
-void write_all(int fd, const std::string& text) {
-  const char* p = text.data();
-  std::size_t left = text.size();
-  while (left > 0) {
-    const ssize_t n = ::write(fd, p, left);
-    if (n <= 0) return;
-    p += n;
-    left -= static_cast<std::size_t>(n);
-  }
-}
-
-std::string env_or(const char* name, const char* fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr ? v : fallback;
-}
+using probe::env_or;
+using probe::write_all;
 
 void sleep_seconds(double s) {
   std::this_thread::sleep_for(std::chrono::duration<double>(s));
@@ -131,13 +120,7 @@ int main(int argc, char** argv) {
   const int rank = std::atoi(rank_text.c_str());
   if (ignore_sigterm) ::signal(SIGTERM, SIG_IGN);
   if (!pid_dir.empty()) {
-    // Written under a temporary name and renamed, so a test never reads a half-written pid.
-    const std::string final_path = pid_dir + "/" + rank_text + ".pid";
-    {
-      std::ofstream out(final_path + ".tmp");
-      out << ::getpid() << "\n";
-    }
-    std::rename((final_path + ".tmp").c_str(), final_path.c_str());
+    probe::write_pid_file(pid_dir + "/" + rank_text + ".pid");
   }
 
   if (print_env) {

@@ -15,6 +15,8 @@
 //     --sleep S         then sleeps S seconds (default 0) and exits 0 ...
 //     --sleep-until N     ... only while ACCELERATE_RESTART_COUNT < N (default: in every attempt)
 
+#include "probe_util.h"
+
 #include <unistd.h>
 
 #include <chrono>
@@ -29,21 +31,8 @@
 
 namespace {
 
-void write_all(int fd, const std::string& text) {
-  const char* p = text.data();
-  std::size_t left = text.size();
-  while (left > 0) {
-    const ssize_t n = ::write(fd, p, left);
-    if (n <= 0) return;
-    p += n;
-    left -= static_cast<std::size_t>(n);
-  }
-}
-
-std::string env_or(const char* name, const char* fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr ? v : fallback;
-}
+using probe::env_or;
+using probe::write_all;
 
 }  // namespace
 
@@ -95,13 +84,7 @@ int main(int argc, char** argv) {
   const int rank = std::atoi(rank_text.c_str());
   const int restart = std::atoi(restart_text.c_str());
   if (!pid_dir.empty()) {
-    // Written under a temporary name and renamed, so a test never reads a half-written pid.
-    const std::string final_path = pid_dir + "/" + restart_text + "_" + rank_text + ".pid";
-    {
-      std::ofstream out(final_path + ".tmp");
-      out << ::getpid() << "\n";
-    }
-    std::rename((final_path + ".tmp").c_str(), final_path.c_str());
+    probe::write_pid_file(pid_dir + "/" + restart_text + "_" + rank_text + ".pid");
   }
   if (report) {
     std::string line = "restart";
