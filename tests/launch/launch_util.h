@@ -104,11 +104,14 @@ inline std::string cli_path() {
 /// Path of a worker program built from tests/launch/workers/<name>.cpp (set by CMake).
 inline std::string worker_path(const std::string& name) {
 #ifdef ACCELERATE_WORKER_DIR
-  return std::string(ACCELERATE_WORKER_DIR) + "/" + name;
+  const char* dir = ACCELERATE_WORKER_DIR;
 #else
-  const char* p = std::getenv("ACCELERATE_WORKER_DIR");
-  return std::string(p ? p : ".") + "/" + name;
+  const char* dir = std::getenv("ACCELERATE_WORKER_DIR");
+  if (dir == nullptr) dir = ".";
 #endif
+  // A path join, not string concatenation: GCC 12 warns falsely (-Warray-bounds) about
+  // std::string(literal) + "/" + name once it is inlined.
+  return (std::filesystem::path(dir) / name).string();
 }
 
 /// A TCP port that was free a moment ago: the kernel picks it when we bind port 0. Another process
