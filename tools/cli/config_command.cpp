@@ -21,23 +21,11 @@
 #include <string>
 #include <vector>
 
-extern char** environ;
-
 namespace accelerate::cli {
 namespace {
 
 // Python's launcher uses the same port when several machines must agree on one in advance.
 constexpr int kDefaultMainProcessPort = 29500;
-
-std::map<std::string, std::string> current_environment() {
-  std::map<std::string, std::string> env;
-  for (char** e = environ; *e != nullptr; ++e) {
-    const std::string entry(*e);
-    const auto eq = entry.find('=');
-    if (eq != std::string::npos) env.emplace(entry.substr(0, eq), entry.substr(eq + 1));
-  }
-  return env;
-}
 
 std::string trimmed(const std::string& text) {
   const auto first = text.find_first_not_of(" \t\r");

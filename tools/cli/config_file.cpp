@@ -27,6 +27,8 @@
 #include <set>
 #include <sstream>
 
+extern char** environ;
+
 namespace accelerate::cli {
 namespace {
 
@@ -702,6 +704,16 @@ int count_gpus(const std::map<std::string, std::string>& environment) {
     ++listed;
   }
   return std::min(present, listed);
+}
+
+std::map<std::string, std::string> current_environment() {
+  std::map<std::string, std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string entry(*e);
+    const auto eq = entry.find('=');
+    if (eq != std::string::npos) env.emplace(entry.substr(0, eq), entry.substr(eq + 1));
+  }
+  return env;
 }
 
 }  // namespace accelerate::cli

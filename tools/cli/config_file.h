@@ -54,6 +54,10 @@ struct ClusterConfig {
   std::map<std::string, std::string> passthrough;
 };
 
+/// This process's environment as NAME -> VALUE: what default_config_path() and count_gpus() take
+/// (they take it as an argument so that tests can give them any).
+std::map<std::string, std::string> current_environment();
+
 /// `$HF_HOME/accelerate/default_config.yaml`, else
 /// `$XDG_CACHE_HOME/huggingface/accelerate/default_config.yaml`, else
 /// `~/.cache/huggingface/accelerate/default_config.yaml` (Python Accelerate's rule), from the given

@@ -19,8 +19,6 @@
 #include <thread>
 #include <vector>
 
-extern char** environ;
-
 #ifndef ACCELERATE_BUILD_VERSION
 #define ACCELERATE_BUILD_VERSION "unknown"
 #endif
@@ -48,16 +46,6 @@ namespace fs = std::filesystem;
 // Variables that change how many threads a worker runs, and so its speed.
 const std::vector<std::string> kThreadVariables = {"OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                    "OPENBLAS_NUM_THREADS"};
-
-std::map<std::string, std::string> current_environment() {
-  std::map<std::string, std::string> env;
-  for (char** e = environ; *e != nullptr; ++e) {
-    const std::string entry(*e);
-    const auto eq = entry.find('=');
-    if (eq != std::string::npos) env.emplace(entry.substr(0, eq), entry.substr(eq + 1));
-  }
-  return env;
-}
 
 std::string read_file(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
