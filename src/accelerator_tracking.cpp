@@ -21,6 +21,11 @@ class BlankTracker final : public GeneralTracker {
   std::string name_;
 };
 
+bool in_log_with(const AcceleratorConfig& config, const std::string& name) {
+  return std::any_of(config.log_with.begin(), config.log_with.end(),
+                     [&](const auto& spec) { return spec.name() == name; });
+}
+
 std::string available_trackers(const AcceleratorConfig& config) {
   std::string names;
   for (const auto& spec : config.log_with) names += (names.empty() ? "" : ", ") + spec.name();
@@ -34,9 +39,7 @@ void Accelerator::init_trackers(const std::string& project_name, const LogValues
   auto& core = *core_;
   TORCH_CHECK(!core.trackers_initialized, "accelerate: init_trackers was already called");
   for (const auto& [name, kwargs] : init_kwargs) {
-    const bool configured = std::any_of(core.config.log_with.begin(), core.config.log_with.end(),
-                                        [&](const auto& spec) { return spec.name() == name; });
-    TORCH_CHECK(configured, "accelerate: init_kwargs for \"", name,
+    TORCH_CHECK(in_log_with(core.config, name), "accelerate: init_kwargs for \"", name,
                 "\", which is not in log_with (", available_trackers(core.config), ")");
   }
   core.trackers_initialized = true;
@@ -69,9 +72,7 @@ void Accelerator::log(const LogValues& values, std::optional<int64_t> step) {
 
 std::shared_ptr<GeneralTracker> Accelerator::get_tracker(const std::string& name) const {
   const auto& core = *core_;
-  const bool configured = std::any_of(core.config.log_with.begin(), core.config.log_with.end(),
-                                      [&](const auto& spec) { return spec.name() == name; });
-  TORCH_CHECK(configured, "accelerate: no tracker named \"", name,
+  TORCH_CHECK(in_log_with(core.config, name), "accelerate: no tracker named \"", name,
               "\"; available: ", available_trackers(core.config));
   if (!core.state->is_main_process()) return std::make_shared<BlankTracker>(name);
   TORCH_CHECK(core.trackers_initialized, "accelerate: call init_trackers before get_tracker(\"",

@@ -206,6 +206,14 @@ void check_no_init_kwargs(const std::string& tracker, const LogValues& init_kwar
               " tracker takes no init_kwargs, got \"", init_kwargs.begin()->first, "\"");
 }
 
+// log() and store_init_configuration() between start() and finish() only.
+void check_tracker_open(const char* tracker, bool started, bool finished, const char* what) {
+  TORCH_CHECK(started, "accelerate: the ", tracker,
+              " tracker was not started: call start() (or Accelerator::init_trackers) before ",
+              what);
+  TORCH_CHECK(!finished, "accelerate: the ", tracker, " tracker is finished; cannot ", what);
+}
+
 void check_no_step_value(const std::string& tracker, const LogValues& values) {
   TORCH_CHECK(values.count("step") == 0, "accelerate: the ", tracker,
               " tracker writes the step itself: rename the value called \"step\"");
@@ -282,11 +290,7 @@ struct TensorBoardTracker::Impl {
   bool finished = false;
 
   void check_open(const char* what) const {
-    TORCH_CHECK(started,
-                "accelerate: the tensorboard tracker was not started: call start() (or "
-                "Accelerator::init_trackers) before ",
-                what);
-    TORCH_CHECK(!finished, "accelerate: the tensorboard tracker is finished; cannot ", what);
+    check_tracker_open("tensorboard", started, finished, what);
   }
 
   void write(const tensorboard::Event& event) {
@@ -416,13 +420,7 @@ struct JsonlTracker::Impl {
   bool started = false;
   bool finished = false;
 
-  void check_open(const char* what) const {
-    TORCH_CHECK(started,
-                "accelerate: the jsonl tracker was not started: call start() (or "
-                "Accelerator::init_trackers) before ",
-                what);
-    TORCH_CHECK(!finished, "accelerate: the jsonl tracker is finished; cannot ", what);
-  }
+  void check_open(const char* what) const { check_tracker_open("jsonl", started, finished, what); }
 };
 
 JsonlTracker::JsonlTracker(std::string run_name, std::string logging_dir,
@@ -487,13 +485,7 @@ struct CsvTracker::Impl {
   bool finished = false;
   bool header_written = false;
 
-  void check_open(const char* what) const {
-    TORCH_CHECK(started,
-                "accelerate: the csv tracker was not started: call start() (or "
-                "Accelerator::init_trackers) before ",
-                what);
-    TORCH_CHECK(!finished, "accelerate: the csv tracker is finished; cannot ", what);
-  }
+  void check_open(const char* what) const { check_tracker_open("csv", started, finished, what); }
 
   std::string header() const {
     // Appended piece by piece: GCC 12 misreads `"," + std::string` as an overflow.

@@ -16,7 +16,6 @@
 using accelerate::testing::cli_path;
 using accelerate::testing::contains;
 using accelerate::testing::count_of;
-using accelerate::testing::isolated_hf_home;
 using accelerate::testing::kLaunchVariables;
 using accelerate::testing::run_command;
 using accelerate::testing::RunResult;
@@ -52,7 +51,7 @@ RunResult launch_example(const std::string& name, const std::vector<std::string>
   argv.insert(argv.end(), launch_args.begin(), launch_args.end());
   argv.push_back(program);
   argv.insert(argv.end(), args.begin(), args.end());
-  return run_command(argv, kTimeout, {{"HF_HOME", isolated_hf_home()}}, kLaunchVariables);
+  return run_command(argv, kTimeout, {}, kLaunchVariables);
 }
 
 }  // namespace
