@@ -9,6 +9,8 @@
 #include <accelerate/operations.h>
 #include <accelerate/state.h>
 
+#include <sys/resource.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -28,12 +30,21 @@ int agree_iterations(const accelerate::PartialState& state, double seconds_per_c
   return static_cast<int>(accelerate::broadcast(state, t, 0).item<int64_t>());
 }
 
+long minor_faults() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
+
+// Seconds per call; adds the page faults per call to *faults.
 template <class F>
-double time_per_call(const accelerate::PartialState& state, int iters, F&& call) {
+double time_per_call(const accelerate::PartialState& state, int iters, F&& call, double* faults) {
   state.wait_for_everyone();
+  const long faults_before = minor_faults();
   auto start = Clock::now();
   for (int i = 0; i < iters; ++i) call();
   state.wait_for_everyone();
+  *faults += static_cast<double>(minor_faults() - faults_before) / iters;
   return std::chrono::duration<double>(Clock::now() - start).count() / iters;
 }
 
@@ -63,7 +74,9 @@ int main(int argc, char** argv) {
   state.print("all-reduce (sum, float32), ", n,
               " processes, Gloo; OMP_NUM_THREADS=", env("OMP_NUM_THREADS"),
               "; GLIBC_TUNABLES=", env("GLIBC_TUNABLES"));
-  state.print("      size   raw gloo us   raw GB/s   accelerate::reduce us   GB/s   ratio");
+  state.print(
+      "      size   raw gloo us   raw GB/s   accelerate::reduce us   GB/s   ratio   "
+      "faults/call raw ours");
   for (int64_t bytes = 1024; bytes <= static_cast<int64_t>(max_mib * 1024 * 1024); bytes *= 4) {
     auto t = at::ones({bytes / 4}, at::kFloat);
     auto raw = [&] {
@@ -71,18 +84,21 @@ int main(int argc, char** argv) {
       pg->allreduce(buf)->wait();
     };
     auto ours = [&] { (void)accelerate::reduce(state, t, "sum"); };
-    // Warm up both paths and size the measurement from the raw path's speed.
-    raw();
-    ours();
+    // Warm up both paths (steady state: buffers allocated, pages faulted in) and size the
+    // measurement from the raw path's speed.
+    for (int i = 0; i < 3; ++i) {
+      raw();
+      ours();
+    }
     auto probe_start = Clock::now();
     raw();
     const double probe = std::chrono::duration<double>(Clock::now() - probe_start).count();
     const int iters = agree_iterations(state, probe, budget);
     // Interleave the two so drift on a shared machine hits both alike.
-    double raw_s = 0, ours_s = 0;
+    double raw_s = 0, ours_s = 0, raw_faults = 0, ours_faults = 0;
     for (int round = 0; round < 2; ++round) {
-      raw_s += time_per_call(state, iters, raw) / 2;
-      ours_s += time_per_call(state, iters, ours) / 2;
+      raw_s += time_per_call(state, iters, raw, &raw_faults) / 2;
+      ours_s += time_per_call(state, iters, ours, &ours_faults) / 2;
     }
     char label[32];
     if (bytes >= 1024 * 1024) {
@@ -90,10 +106,10 @@ int main(int argc, char** argv) {
     } else {
       std::snprintf(label, sizeof label, "%lld KiB", static_cast<long long>(bytes >> 10));
     }
-    char row[160];
-    std::snprintf(row, sizeof row, "%10s   %11.1f   %8.3f   %21.1f   %5.3f   %5.3f", label,
-                  raw_s * 1e6, bus * bytes / raw_s / 1e9, ours_s * 1e6, bus * bytes / ours_s / 1e9,
-                  raw_s / ours_s);
+    char row[200];
+    std::snprintf(row, sizeof row, "%10s   %11.1f   %8.3f   %21.1f   %5.3f   %5.3f   %6.0f %6.0f",
+                  label, raw_s * 1e6, bus * bytes / raw_s / 1e9, ours_s * 1e6,
+                  bus * bytes / ours_s / 1e9, raw_s / ours_s, raw_faults / 2, ours_faults / 2);
     state.print(row);
   }
   state.print("ratio = raw time / accelerate::reduce time (1.0 = no overhead)");

@@ -156,6 +156,12 @@ AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options,
   TORCH_CHECK(c.ddp_kwargs.bucket_cap_mb > 0,
               "accelerate: ddp_kwargs.bucket_cap_mb must be positive, got ",
               c.ddp_kwargs.bucket_cap_mb);
+  // The communication hook settings are checked here, once, even for a single process.
+  TORCH_CHECK(
+      !(c.ddp_kwargs.comm_hook_fn && c.ddp_kwargs.comm_hook != DDPCommunicationHookType::NO),
+      "accelerate: ddp_kwargs: give comm_hook or comm_hook_fn, not both");
+  (void)make_comm_hook(c.ddp_kwargs.comm_hook, c.ddp_kwargs.comm_wrapper,
+                       c.ddp_kwargs.comm_state_option);
   c.scaler_kwargs =
       pick<GradScalerKwargs>(options.scaler_kwargs, std::nullopt, {}, "scaler_kwargs", src);
   c.autocast_kwargs =

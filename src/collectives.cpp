@@ -1,5 +1,7 @@
 #include "accelerate/detail/collectives.h"
 
+#include "accelerate/detail/direct_gloo.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -109,6 +111,16 @@ void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<co
   }
 }
 
+void wait(const PartialState& state, const char* op, const std::shared_ptr<DirectWork>& work) {
+  try {
+    work->wait();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: collective '", op, "' failed on process ",
+                state.process_index(), " of ", state.num_processes(), " (timeout ",
+                std::chrono::duration<double>(state.timeout()).count(), " s): ", e.what());
+  }
+}
+
 void verify_same_shape(const PartialState& state, const char* op, const at::Tensor& t) {
   if (!state.debug() || !state.use_distributed()) return;
   auto all = raw_all_gather(state, op, descriptor(t));
@@ -140,6 +152,17 @@ void all_reduce_(const PartialState& state, const char* op, at::Tensor& buf,
               "the communication device, got ",
               buf.scalar_type(), " on ", buf.device());
   verify_same_shape(state, op, buf);
+  if (DirectGloo* direct = state.direct()) {
+    // Small: one exchange on this thread. Large: Gloo's ring without ProcessGroupGloo's queue.
+    if (direct->exchangeable(buf)) {
+      direct->exchange_allreduce_(buf, reduce_op, op);
+      return;
+    }
+    if (DirectGloo::ringable(buf)) {
+      wait(state, op, direct->ring_allreduce(buf, buf, reduce_op));
+      return;
+    }
+  }
   std::vector<at::Tensor> bufs{buf};
   c10d::AllreduceOptions opts;
   opts.reduceOp = reduce_op;
@@ -151,6 +174,23 @@ at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tenso
   if (!state.use_distributed()) return t.clone();
   verify_same_shape(state, op, t);
   const auto dtype = reduce_dtype(t.scalar_type());
+  if (DirectGloo* direct = state.direct(); direct != nullptr && t.device().is_cpu()) {
+    // The ring reads `t` and writes a fresh tensor: the copy a reduction must make is folded
+    // into the ring's first pass instead of made before it.
+    const at::Tensor in = t.to(dtype).contiguous();
+    at::Tensor out;
+    if (direct->exchangeable(in)) {
+      out = in.is_same(t) ? t.clone() : in;
+      direct->exchange_allreduce_(out, reduce_op, op);
+    } else if (DirectGloo::ringable(in)) {
+      out = at::empty_like(in);
+      wait(state, op, direct->ring_allreduce(in, out, reduce_op));
+    }
+    if (out.defined()) {
+      if (t.scalar_type() == at::kBool) out = out.ne(0);
+      return out.to(t.scalar_type());
+    }
+  }
   std::vector<at::Tensor> buf{to_comm(state, t.to(dtype, /*non_blocking=*/false, /*copy=*/true))};
   c10d::AllreduceOptions opts;
   opts.reduceOp = reduce_op;

@@ -1,6 +1,7 @@
 #include "accelerate/ddp.h"
 
 #include "accelerate/detail/collectives.h"
+#include "accelerate/detail/direct_gloo.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -22,13 +24,20 @@
 
 // How the processes agree at the end of backward (see finalize()):
 //
-// Every bucket carries, after its gradients, one extra element per parameter: 1 if this process
-// contributes a gradient for it, 0 otherwise. The all-reduce that averages the gradients sums
-// those flags too, so after waiting every process knows, for every parameter, how many processes
-// used it -- without any extra collective. finalize() always launches every bucket (a missing
-// gradient counts as zeros), so all processes issue the same all-reduces in the same order, and
-// all of them then see the same flags and take the same decision: average, leave a globally
-// unused parameter alone, or throw the same error naming the same parameters.
+// Without a communication hook, every bucket carries, after its gradients, one extra element per
+// parameter: 1 if this process contributes a gradient for it, 0 otherwise. The all-reduce that
+// averages the gradients sums those flags too, so after waiting every process knows, for every
+// parameter, how many processes used it -- without any extra collective. finalize() always launches
+// every bucket (a missing gradient counts as zeros), so all processes issue the same all-reduces in
+// the same order, and all of them then see the same flags and take the same decision: average,
+// leave a globally unused parameter alone, or throw the same error naming the same parameters. A
+// hook's compression would garble the flags, so with a hook they travel in one small all-reduce of
+// their own at the end of backward.
+//
+// Where the gradients go: each one is divided by the number of processes while it is copied into
+// its bucket slice, as soon as autograd produced it (one pass; DDP does the same). With
+// gradient_as_bucket_view the slice then becomes the parameter's .grad, so the fresh gradient is
+// freed at once and nothing is copied back after the all-reduce.
 
 namespace accelerate {
 namespace detail {
@@ -186,11 +195,25 @@ void check_same_tensors(const PartialState& state, const NamedTensors& all_param
   }
 }
 
-// True when `grad` already is `slice` (gradient_as_bucket_view), so no copy is needed.
+// True when `grad` already is `slice` (a bucket view), so no copy is needed.
 bool is_bucket_view(const at::Tensor& grad, const at::Tensor& slice) {
   return grad.defined() && grad.device() == slice.device() &&
          grad.scalar_type() == slice.scalar_type() && grad.is_contiguous() &&
          grad.numel() == slice.numel() && grad.data_ptr() == slice.data_ptr();
+}
+
+using Clock = std::chrono::steady_clock;
+
+double seconds(Clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+// `world` as a 0-dim tensor that type promotion treats like a Python number, so dividing a
+// float16 gradient by it stays float16, exactly as `grad.div_(world)` would.
+at::Tensor divisor(int64_t world) {
+  auto d = at::scalar_tensor(static_cast<double>(world), at::kDouble);
+  d.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return d;
 }
 
 }  // namespace
@@ -214,31 +237,56 @@ struct SyncCore : std::enable_shared_from_this<SyncCore> {
     int64_t grad_numel = 0;
     at::Tensor buffer;  // [grad_numel gradients | one used-flag per parameter]
     size_t pending = 0;
+    // Small enough for DirectGloo's exchange: sent on the calling thread when backward ends,
+    // when everything is ready anyway, instead of through a worker.
+    bool exchange = false;
+    bool launched = false;
+    bool protected_this_iteration = false;
     c10::intrusive_ptr<compat::Work> work;
+    std::shared_ptr<DirectWork> direct_work;
+    std::unique_ptr<GradBucket> hook_bucket;
+    CommHookFinish finish;
+    // When its communication started and (as far as we can tell) ended, for stats().
+    Clock::time_point launch_time;
+    std::shared_ptr<std::atomic<int64_t>> done_ns;
   };
 
   std::shared_ptr<torch::nn::Module> module;
   std::shared_ptr<PartialState> state;
   DistributedDataParallelKwargs kwargs;
+  CommHook hook;
   bool distributed = false;
+  bool as_view = false;  // gradient_as_bucket_view
+  at::Tensor world_divisor;
   std::vector<Param> params;
   std::vector<Bucket> buckets;
   std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks;
   std::atomic<int64_t> launched{0};
 
   // Hooks run on the thread calling backward for the CPU but on device threads for CUDA.
-  std::mutex mutex;
+  mutable std::mutex mutex;
   bool require_sync = true;
   bool pending = false;  // a synchronized backward started and is not finalized
+  bool ever_synchronized = false;
   size_t next_launch = 0;
-
   uint64_t iteration = 0;  // advanced by every reset, so a stale callback cannot reset a new one
 
+  SyncStats stats;
+
   void on_gradient(size_t index);
-  void launch(Bucket& bucket);
+  // Puts parameter `p`'s gradient into its bucket slice (divided by the number of processes
+  // unless a hook does the averaging), in one pass.
+  void fill_slice(Param& p, Bucket& b);
+  // Whether `p`'s .grad can be a view of `b` (same dtype and device).
+  bool viewable(const Param& p, const Bucket& b) const;
+  // Without gradient_as_bucket_view: moves `b` to new memory if something outside holds a
+  // gradient view of it, so that writing the bucket does not change what they hold.
+  void protect_outside_references(Bucket& b);
+  void launch(size_t index);
   void finalize();
   void abandon(uint64_t iteration) noexcept;
   void reset_iteration();
+  void record_stats(Clock::time_point compute_end, Clock::time_point end);
 };
 
 namespace {
@@ -295,43 +343,149 @@ void SyncCore::on_gradient(size_t index) {
               "' received a gradient twice before the gradients were averaged: two backward passes "
               "through the model overlap (reentrant backward is not supported)");
   p.ready = true;
+  // Copied now, while the gradient is hot in cache and the bucket waits for its other members;
+  // as a bucket view the fresh gradient is freed at once and its memory reused in this backward.
+  {
+    torch::NoGradGuard no_grad;
+    fill_slice(p, buckets[p.bucket]);
+  }
   // Buckets complete in any order but are launched in a fixed order: Gloo pairs the collectives
   // of different processes by their position in the sequence.
   if (--buckets[p.bucket].pending == 0) {
     while (next_launch < buckets.size() && buckets[next_launch].pending == 0) {
-      launch(buckets[next_launch++]);
+      launch(next_launch++);
     }
   }
 }
 
-void SyncCore::launch(Bucket& bucket) {
+bool SyncCore::viewable(const Param& p, const Bucket& b) const {
+  return b.buffer.device() == b.device && b.dtype == p.tensor.scalar_type();
+}
+
+void SyncCore::protect_outside_references(Bucket& b) {
+  // Gradients handed out earlier are views of the bucket. Anything still holding one, other
+  // than the parameters' own .grad, expects it to keep its value (as with a copied gradient):
+  // the bucket moves to new memory and leaves the old one to them. Counted by storage
+  // references: the buffer holds one, each installed view one, anything else is outside.
+  int64_t expected = 1;
+  std::vector<size_t> installed;
+  for (size_t i : b.params) {
+    const Param& q = params[i];
+    if (is_bucket_view(q.tensor.grad(), b.buffer.narrow(0, q.offset, q.numel))) {
+      ++expected;
+      installed.push_back(i);
+    }
+  }
+  if (static_cast<int64_t>(b.buffer.storage().use_count()) <= expected) return;
+  b.buffer = b.buffer.clone();
+  for (size_t i : installed) {
+    Param& q = params[i];
+    q.tensor.mutable_grad() = b.buffer.narrow(0, q.offset, q.numel).view(q.tensor.sizes()).detach();
+  }
+}
+
+void SyncCore::fill_slice(Param& p, Bucket& b) {
+  if (!b.protected_this_iteration) {
+    b.protected_this_iteration = true;
+    if (!as_view) protect_outside_references(b);
+  }
+  at::Tensor slice = b.buffer.narrow(0, p.offset, p.numel);
+  const at::Tensor& grad = p.tensor.grad();
+  // Like DDP, a parameter without a gradient this time still contributes what its .grad holds
+  // (e.g. what no_sync steps accumulated), or zeros.
+  if (!grad.defined()) {
+    slice.zero_();
+    return;
+  }
+  TORCH_CHECK(!grad.is_sparse(), "accelerate: GradientSynchronizer: parameter '", p.name,
+              "' has a sparse gradient, which is not supported (use a dense embedding)");
+  if (is_bucket_view(grad, slice)) {
+    if (p.ready || as_view) {
+      // Autograd accumulated into the bucket itself: only the division is left.
+      if (!hook) slice.div_(world_divisor);
+      return;
+    }
+    // A parameter this backward did not reach keeps its .grad unchanged if no process used it
+    // (finalize()), so the bucket must not be divided in place under it.
+    p.tensor.mutable_grad() = grad.clone();
+  }
+  const at::Tensor& source = p.tensor.grad();
+  at::Tensor out = slice.view(source.sizes());
+  if (hook) {
+    out.copy_(source);
+  } else if (source.device() == out.device() && source.scalar_type() == out.scalar_type()) {
+    // Copy and divide in one pass. (Other dtypes are converted first, so that 16-bit
+    // gradients are divided in the bucket's float32.)
+    at::div_out(out, source, world_divisor);
+  } else {
+    out.copy_(source).div_(world_divisor);
+  }
+  // The bucket is the gradient from now on: the fresh gradient is freed here, during backward,
+  // and nothing is copied back at the end. Not for a parameter this backward did not reach:
+  // its .grad stays its own until finalize() knows whether any process used it.
+  if (p.ready && viewable(p, b)) {
+    // detach(): an autograd view would make Optimizer::zero_grad()'s detach_() throw.
+    p.tensor.mutable_grad() = out.detach();
+  }
+}
+
+void SyncCore::launch(size_t index) {
+  Bucket& bucket = buckets[index];
   torch::NoGradGuard no_grad;
   std::vector<float> flags;
   flags.reserve(bucket.params.size());
   for (size_t i : bucket.params) {
     Param& p = params[i];
-    at::Tensor slice = bucket.buffer.narrow(0, p.offset, p.numel);
-    const at::Tensor& grad = p.tensor.grad();
-    // Like DDP, a parameter without a gradient this time still contributes what its .grad holds
-    // (e.g. what no_sync steps accumulated), or zeros.
-    if (!grad.defined()) {
-      slice.zero_();
-    } else if (!is_bucket_view(grad, slice)) {
-      TORCH_CHECK(!grad.is_sparse(), "accelerate: GradientSynchronizer: parameter '", p.name,
-                  "' has a sparse gradient, which is not supported (use a dense embedding)");
-      slice.view(grad.sizes()).copy_(grad);
-    }
+    if (!p.ready) fill_slice(p, bucket);
     // Each flag is chosen so that the decision finalize() takes on it is "is the sum zero?",
     // which stays exact in any dtype and for any number of processes.
     const bool flag = kwargs.find_unused_parameters ? p.used : !p.ready;
     flags.push_back(flag ? 1.0F : 0.0F);
   }
-  bucket.buffer.narrow(0, 0, bucket.grad_numel).div_(state->num_processes());
   bucket.buffer.narrow(0, bucket.grad_numel, static_cast<int64_t>(flags.size()))
       .copy_(at::from_blob(flags.data(), {static_cast<int64_t>(flags.size())}, at::kFloat));
-  std::vector<at::Tensor> bufs{bucket.buffer};
-  bucket.work = group(*state, kBackwardOp).allreduce(bufs);
+  bucket.launched = true;
+  bucket.launch_time = Clock::now();
+  bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
   launched.fetch_add(1);
+  if (hook) {
+    std::vector<at::Tensor> tensors;
+    std::vector<std::string> names;
+    std::vector<int64_t> offsets;
+    for (size_t i : bucket.params) {
+      tensors.push_back(params[i].tensor);
+      names.push_back(params[i].name);
+      offsets.push_back(params[i].offset);
+    }
+    bucket.hook_bucket = std::make_unique<GradBucket>(
+        state, index, index + 1 == buckets.size(), bucket.buffer.narrow(0, 0, bucket.grad_numel),
+        std::move(tensors), std::move(names), std::move(offsets));
+    bucket.finish = hook(*bucket.hook_bucket);
+    return;
+  }
+  DirectGloo* direct = state->direct();
+  // A small bucket costs a round trip, not bandwidth: finalize() sends it on this thread, when
+  // backward is over and every process is about to wait anyway. So does the last bucket when
+  // it is small enough for an exchange: nothing is left to overlap it with.
+  bucket.exchange =
+      direct != nullptr && (DirectGloo::small(bucket.buffer) ||
+                            (index + 1 == buckets.size() && direct->exchangeable(bucket.buffer)));
+  if (bucket.exchange) return;
+  auto done = bucket.done_ns;
+  auto stamp = [done] {
+    done->store(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+            .count());
+  };
+  if (direct != nullptr && DirectGloo::ringable(bucket.buffer)) {
+    bucket.direct_work = direct->ring_allreduce(bucket.buffer, bucket.buffer, c10d::ReduceOp::SUM);
+  } else {
+    std::vector<at::Tensor> bufs{bucket.buffer};
+    bucket.work = group(*state, kBackwardOp).allreduce(bufs);
+    if (auto future = bucket.work->getFuture()) {
+      future->addCallback([stamp](c10::ivalue::Future&) { stamp(); });
+    }
+  }
 }
 
 void SyncCore::reset_iteration() {
@@ -343,8 +497,15 @@ void SyncCore::reset_iteration() {
     b.pending = b.params.size();
     // A collective abandoned after an error may still write into its buffer; the next
     // iteration must not share it.
-    if (b.work) b.buffer = at::zeros_like(b.buffer);
+    if ((b.work && !b.work->isCompleted()) || (b.direct_work && !b.direct_work->completed())) {
+      b.buffer = at::zeros_like(b.buffer);
+    }
     b.work.reset();
+    b.direct_work.reset();
+    b.hook_bucket.reset();
+    b.finish = nullptr;
+    b.launched = false;
+    b.protected_this_iteration = false;
   }
   next_launch = 0;
   pending = false;
@@ -360,9 +521,39 @@ void SyncCore::abandon(uint64_t failed_iteration) noexcept {
   }
 }
 
+void SyncCore::record_stats(Clock::time_point compute_end, Clock::time_point end) {
+  // The communication "channel" is busy over the union of [launch, done] of every bucket; the
+  // part of that union before backward's compute ended was hidden behind it.
+  std::vector<std::pair<Clock::time_point, Clock::time_point>> spans;
+  for (const auto& b : buckets) {
+    if (!b.launched) continue;
+    Clock::time_point done = end;
+    if (b.direct_work) {
+      done = b.direct_work->completed_at();
+    } else if (b.done_ns && b.done_ns->load() > 0) {
+      done = Clock::time_point(std::chrono::nanoseconds(b.done_ns->load()));
+    }
+    spans.emplace_back(b.launch_time, std::max(b.launch_time, done));
+  }
+  std::sort(spans.begin(), spans.end());
+  double busy = 0;
+  double hidden = 0;
+  for (size_t i = 0; i < spans.size();) {
+    auto [from, to] = spans[i];
+    for (++i; i < spans.size() && spans[i].first <= to; ++i) to = std::max(to, spans[i].second);
+    busy += seconds(to - from);
+    if (from < compute_end) hidden += seconds(std::min(to, compute_end) - from);
+  }
+  stats.synchronized_steps += 1;
+  stats.communication_seconds += busy;
+  stats.hidden_seconds += hidden;
+  stats.exposed_seconds += seconds(end - compute_end);
+}
+
 void SyncCore::finalize() {
   std::lock_guard<std::mutex> lock(mutex);
   if (!pending) return;
+  const auto compute_end = Clock::now();
   struct Reset {
     SyncCore* core;
     ~Reset() {
@@ -374,22 +565,60 @@ void SyncCore::finalize() {
     }
   } reset{this};
   torch::NoGradGuard no_grad;
+  ever_synchronized = true;
 
-  while (next_launch < buckets.size()) launch(buckets[next_launch++]);
+  while (next_launch < buckets.size()) launch(next_launch++);
   for (auto& b : buckets) {
-    detail::wait(*state, kBackwardOp, b.work);
-    b.work.reset();
+    if (b.finish) {
+      b.finish();
+      // A hook may have put its result in a tensor of its own rather than into the buffer.
+      const at::Tensor grads = b.buffer.narrow(0, 0, b.grad_numel);
+      const at::Tensor& result = b.hook_bucket->buffer();
+      TORCH_CHECK(result.defined() && result.numel() == b.grad_numel,
+                  "accelerate: communication hook: bucket ", &b - buckets.data(), " must hold ",
+                  b.grad_numel, " elements after the hook, not ",
+                  result.defined() ? result.numel() : 0);
+      if (!result.is_same(grads) && result.data_ptr() != grads.data_ptr()) grads.copy_(result);
+    } else if (b.exchange) {
+      b.launch_time = Clock::now();  // deferred until now: nothing of it was hidden
+      state->direct()->exchange_allreduce_(b.buffer, c10d::ReduceOp::SUM, kBackwardOp);
+      b.done_ns->store(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+              .count());
+    } else if (b.direct_work) {
+      detail::wait(*state, kBackwardOp, b.direct_work);
+    } else {
+      detail::wait(*state, kBackwardOp, b.work);
+    }
   }
 
   // Summed over processes: how many used each parameter (find_unused_parameters), or how many
-  // did not (otherwise).
+  // did not (otherwise). Without a hook the flags rode along in the buckets; a hook's
+  // compression would garble them, so then they travel in one small all-reduce of their own.
   std::vector<int64_t> flag_sums(params.size(), 0);
-  for (const auto& b : buckets) {
-    auto counts = b.buffer.narrow(0, b.grad_numel, static_cast<int64_t>(b.params.size()))
-                      .to(at::kCPU, at::kDouble);
-    auto acc = counts.accessor<double, 1>();
-    for (size_t k = 0; k < b.params.size(); ++k) {
-      flag_sums[b.params[k]] = std::llround(acc[static_cast<int64_t>(k)]);
+  if (hook) {
+    auto flags = at::empty({static_cast<int64_t>(params.size())}, at::kFloat);
+    for (const auto& b : buckets) {
+      auto tail = b.buffer.narrow(0, b.grad_numel, static_cast<int64_t>(b.params.size())).cpu();
+      for (size_t k = 0; k < b.params.size(); ++k) {
+        flags[static_cast<int64_t>(b.params[k])] = tail[static_cast<int64_t>(k)];
+      }
+    }
+    at::Tensor on_wire = flags.to(comm_device(*state, state->device()));
+    all_reduce_(*state, kBackwardOp, on_wire, c10d::ReduceOp::SUM);
+    flags = on_wire.cpu();
+    auto acc = flags.accessor<float, 1>();
+    for (size_t i = 0; i < params.size(); ++i) {
+      flag_sums[i] = std::llround(acc[static_cast<int64_t>(i)]);
+    }
+  } else {
+    for (const auto& b : buckets) {
+      auto counts = b.buffer.narrow(0, b.grad_numel, static_cast<int64_t>(b.params.size()))
+                        .to(at::kCPU, at::kDouble);
+      auto acc = counts.accessor<double, 1>();
+      for (size_t k = 0; k < b.params.size(); ++k) {
+        flag_sums[b.params[k]] = std::llround(acc[static_cast<int64_t>(k)]);
+      }
     }
   }
   const int64_t world = state->num_processes();
@@ -412,15 +641,14 @@ void SyncCore::finalize() {
   }
 
   for (const auto& b : buckets) {
-    const bool as_view = kwargs.gradient_as_bucket_view && b.buffer.device() == b.device;
     for (size_t i : b.params) {
       Param& p = params[i];
       // As DDP: a parameter that no process used keeps its .grad as it was (often undefined).
       if (kwargs.find_unused_parameters && flag_sums[i] == 0) continue;
       at::Tensor slice = b.buffer.narrow(0, p.offset, p.numel).view(p.tensor.sizes());
       at::Tensor& grad = p.tensor.mutable_grad();
-      if (as_view && slice.scalar_type() == p.tensor.scalar_type()) {
-        // detach(): an autograd view would make Optimizer::zero_grad()'s detach_() throw.
+      if (is_bucket_view(grad, slice)) continue;
+      if (viewable(p, b)) {
         grad = slice.detach();
       } else if (grad.defined()) {
         grad.copy_(slice);
@@ -430,6 +658,7 @@ void SyncCore::finalize() {
       }
     }
   }
+  record_stats(compute_end, Clock::now());
 }
 
 }  // namespace detail
@@ -467,6 +696,16 @@ GradientSynchronizer::GradientSynchronizer(std::shared_ptr<torch::nn::Module> mo
   core.state = state;
   core.kwargs = kwargs;
   core.distributed = state->use_distributed();
+  core.as_view = kwargs.gradient_as_bucket_view;
+  core.world_divisor = detail::divisor(state->num_processes());
+  // A hook of one's own, or Accelerate's named ones (validated even with one process, so that
+  // a configuration error shows on the first single-process run).
+  core.hook = kwargs.comm_hook_fn
+                  ? kwargs.comm_hook_fn
+                  : make_comm_hook(kwargs.comm_hook, kwargs.comm_wrapper, kwargs.comm_state_option);
+  TORCH_CHECK(
+      !(kwargs.comm_hook_fn && kwargs.comm_hook != DDPCommunicationHookType::NO),
+      "accelerate: DistributedDataParallelKwargs: give comm_hook or comm_hook_fn, not both");
 
   // Tied weights appear under several names; each tensor is synchronized once, under its first.
   std::unordered_set<const c10::TensorImpl*> seen;
@@ -494,16 +733,23 @@ GradientSynchronizer::GradientSynchronizer(std::shared_ptr<torch::nn::Module> mo
     detail::broadcast_packed(*state, detail::kBroadcastOp, tensors, cap_bytes);
   }
 
-  // Buckets: trainable parameters in reverse registration order (gradients become ready roughly
-  // in that order), split by dtype and device. The first bucket of each kind is small so that
-  // communication starts early in backward.
+  // Buckets, by DDP's rule: trainable parameters in reverse registration order (gradients
+  // become ready roughly in that order), split by dtype and device; a bucket is closed by the
+  // parameter that brings it to its cap (that parameter included), the first of each kind at
+  // min(1 MiB, cap) so that communication starts early in backward, later ones at the cap.
+  // Buckets are launched in the order they closed, then the partly filled ones in the order of
+  // their first parameter.
   const int64_t first_cap = std::min(cap_bytes, detail::kMiB);
   struct Open {
-    size_t bucket;
-    int64_t bytes;
-    int64_t limit;
+    std::vector<size_t> params;  // indices into core.params
+    int64_t bytes = 0;
+    int64_t limit = 0;
+    c10::ScalarType dtype = at::kFloat;
+    c10::Device device{c10::kCPU};
   };
   std::map<std::tuple<int, int, int>, Open> open;
+  std::vector<Open> closed;
+  std::vector<std::tuple<int, int, int>> open_order;
   for (auto it = all_params.rbegin(); it != all_params.rend(); ++it) {
     const auto& [name, t] = *it;
     if (!t.requires_grad()) continue;
@@ -512,29 +758,40 @@ GradientSynchronizer::GradientSynchronizer(std::shared_ptr<torch::nn::Module> mo
     const auto dtype = detail::bucket_dtype(*state, t.scalar_type());
     const auto key = std::make_tuple(static_cast<int>(dtype), static_cast<int>(t.device().type()),
                                      static_cast<int>(t.device().index()));
-    const int64_t bytes = t.numel() * static_cast<int64_t>(c10::elementSize(dtype));
     auto found = open.find(key);
-    if (found == open.end() ||
-        (found->second.bytes > 0 && found->second.bytes + bytes > found->second.limit)) {
-      const int64_t limit = found == open.end() ? first_cap : cap_bytes;
-      detail::SyncCore::Bucket bucket;
-      bucket.dtype = dtype;
-      bucket.device = t.device();
-      core.buckets.push_back(std::move(bucket));
-      open[key] = Open{core.buckets.size() - 1, 0, limit};
+    if (found == open.end()) {
+      found = open.emplace(key, Open{{}, 0, first_cap, dtype, t.device()}).first;
     }
-    Open& o = open[key];
-    auto& bucket = core.buckets[o.bucket];
+    Open& o = found->second;
+    if (o.params.empty()) open_order.push_back(key);
     detail::SyncCore::Param p;
     p.tensor = t;
     p.name = name;
-    p.bucket = o.bucket;
-    p.offset = bucket.grad_numel;
     p.numel = t.numel();
-    bucket.grad_numel += p.numel;
-    bucket.params.push_back(core.params.size());
+    o.params.push_back(core.params.size());
     core.params.push_back(std::move(p));
-    o.bytes += bytes;
+    o.bytes += t.numel() * static_cast<int64_t>(c10::elementSize(dtype));
+    if (o.bytes >= o.limit) {
+      closed.push_back(o);
+      o.params.clear();
+      o.bytes = 0;
+      o.limit = cap_bytes;
+      open_order.erase(std::find(open_order.begin(), open_order.end(), key));
+    }
+  }
+  for (const auto& key : open_order) closed.push_back(open[key]);
+  for (const auto& o : closed) {
+    detail::SyncCore::Bucket bucket;
+    bucket.dtype = o.dtype;
+    bucket.device = o.device;
+    for (size_t i : o.params) {
+      auto& p = core.params[i];
+      p.bucket = core.buckets.size();
+      p.offset = bucket.grad_numel;
+      bucket.grad_numel += p.numel;
+      bucket.params.push_back(i);
+    }
+    core.buckets.push_back(std::move(bucket));
   }
   for (auto& b : core.buckets) b.pending = b.params.size();
   if (!core.distributed) return;
@@ -606,6 +863,28 @@ std::vector<std::vector<std::string>> GradientSynchronizer::bucket_parameter_nam
     for (size_t i : b.params) names.push_back(core_->params[i].name);
   }
   return out;
+}
+
+void GradientSynchronizer::register_comm_hook(CommHook hook) {
+  TORCH_CHECK(hook != nullptr, "accelerate: register_comm_hook: the hook is empty");
+  std::lock_guard<std::mutex> lock(core_->mutex);
+  TORCH_CHECK(!core_->hook,
+              "accelerate: register_comm_hook: a communication hook is already "
+              "registered (from DistributedDataParallelKwargs or an earlier call); DDP allows one");
+  TORCH_CHECK(!core_->ever_synchronized && !core_->pending,
+              "accelerate: register_comm_hook must be called before the first synchronized "
+              "backward pass");
+  core_->hook = std::move(hook);
+}
+
+SyncStats GradientSynchronizer::stats() const {
+  std::lock_guard<std::mutex> lock(core_->mutex);
+  return core_->stats;
+}
+
+void GradientSynchronizer::reset_stats() {
+  std::lock_guard<std::mutex> lock(core_->mutex);
+  core_->stats = SyncStats{};
 }
 
 size_t GradientSynchronizer::num_buckets() const {

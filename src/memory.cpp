@@ -1,6 +1,7 @@
 #include "accelerate/memory.h"
 
 #include "accelerate/detail/collectives.h"
+#include "accelerate/detail/cpu_allocator.h"
 
 #include <dlfcn.h>
 #include <torch/cuda.h>
@@ -17,6 +18,8 @@ namespace accelerate {
 // ---------------------------------------------------------------------- freeing memory
 
 void clear_device_cache() {
+  // The CPU's counterpart of CUDA's cache: blocks the caching allocator keeps for reuse.
+  detail::empty_cpu_cache();
   if (!torch::cuda::is_available()) return;
   // The caching allocator lives in libc10_cuda, which a CPU build of LibTorch (the one we build
   // against) lacks, so linking to it would tie the library to CUDA builds. When CUDA is

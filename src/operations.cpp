@@ -98,22 +98,24 @@ at::Tensor reduce_tensor(const PartialState& state, const at::Tensor& t, Reducti
   // float16/bfloat16 are summed and divided in float32, and rounded once at the end.
   const auto dtype = t.scalar_type();
   const bool widen = dtype == at::kHalf || dtype == at::kBFloat16;
-  // Exactly one copy, like Accelerate's clone-then-all_reduce: for large tensors the copies
-  // (and the page faults of fresh buffers) cost more than the reduction itself.
-  at::Tensor x = widen ? t.to(at::kFloat) : t.clone(at::MemoryFormat::Contiguous);
+  // At most one copy of the input, as Accelerate's clone-then-all_reduce; none of our own when
+  // the reduction can read the caller's tensor and write a new one (detail::all_reduce): for
+  // large tensors the copies (and the page faults of fresh buffers) cost as much as the
+  // communication.
+  at::Tensor x;  // a tensor this call owns, when it had to make one
+  if (widen) x = t.to(at::kFloat);
   if (scale != 1.0) {
-    if (at::isFloatingType(x.scalar_type()) || at::isComplexType(x.scalar_type())) {
-      x.mul_(scale);
-    } else {
-      x.mul_(static_cast<int64_t>(scale));
-    }
+    const at::Tensor& from = x.defined() ? x : t;
+    const bool fractional =
+        at::isFloatingType(from.scalar_type()) || at::isComplexType(from.scalar_type());
+    x = fractional ? at::mul(from, scale) : at::mul(from, static_cast<int64_t>(scale));
   }
-  if (state.use_distributed()) {
-    if (detail::reducible_in_place(state, x)) {
-      detail::all_reduce_(state, "reduce", x, c10d::ReduceOp::SUM);
-    } else {
-      x = detail::all_reduce(state, "reduce", x, c10d::ReduceOp::SUM);
-    }
+  if (!state.use_distributed()) {
+    if (!x.defined()) x = t.clone(at::MemoryFormat::Contiguous);
+  } else if (x.defined() && detail::reducible_in_place(state, x)) {
+    detail::all_reduce_(state, "reduce", x, c10d::ReduceOp::SUM);
+  } else {
+    x = detail::all_reduce(state, "reduce", x.defined() ? x : t, c10d::ReduceOp::SUM);
   }
   if (reduction == Reduction::kMean) x.div_(state.num_processes());
   return widen ? x.to(dtype) : x;

@@ -1,6 +1,9 @@
 #include "accelerate/state.h"
 
 #include "accelerate/detail/collectives.h"
+#include "accelerate/detail/cpu_allocator.h"
+#include "accelerate/detail/direct_gloo.h"
+#include "accelerate/detail/runtime_defaults.h"
 
 #include <torch/cuda.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -58,7 +61,11 @@ std::shared_ptr<PartialState> PartialState::shared_if_created() {
 std::shared_ptr<PartialState> PartialState::from_environment(const StateOptions& options,
                                                              const EnvMap& env) {
   std::shared_ptr<PartialState> state(new PartialState());
-  state->init(detect_topology(env), options, c10::intrusive_ptr<c10d::Store>(), env);
+  const ProcessTopology topology = detect_topology(env);
+  // What the launcher would have put in the environment, for programs started some other way.
+  // The thread variables are the process's own (a test may pass a made-up `env`).
+  detail::apply_thread_defaults(current_environment(), topology.local_world_size);
+  state->init(topology, options, c10::intrusive_ptr<c10d::Store>(), env);
   return state;
 }
 
@@ -89,6 +96,10 @@ void PartialState::init(const ProcessTopology& topology, const StateOptions& opt
                         c10::intrusive_ptr<c10d::Store> store, const EnvMap& env) {
   topology_ = topology;
   options_ = options;
+  // Freed gradients and activations must not go back to the kernel between steps.
+  const EnvMap process_env = current_environment();
+  detail::apply_allocator_defaults(process_env);
+  detail::install_cpu_caching_allocator(process_env);
   const bool cpu = options.cpu.value_or(env_bool(env, "ACCELERATE_USE_CPU").value_or(false));
   debug_ = options.debug.value_or(env_bool(env, "ACCELERATE_DEBUG_MODE").value_or(false));
   timeout_ = options.init_kwargs.timeout;
@@ -140,6 +151,13 @@ void PartialState::init(const ProcessTopology& topology, const StateOptions& opt
       }
       process_group_ =
           compat::make_gloo(store_, topology_.rank, topology_.world_size, timeout_, address);
+      // Every process decides alike (the launcher gives all of them one environment); a mixed
+      // choice fails the rendezvous below with a timeout naming the group.
+      if (detail::direct_gloo_available() &&
+          env_bool(env, "ACCELERATE_DIRECT_GLOO").value_or(true)) {
+        direct_ = std::make_unique<detail::DirectGloo>(store_, topology_.rank, topology_.world_size,
+                                                       timeout_, address);
+      }
     }
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "accelerate: process ", topology_.rank, " of ", topology_.world_size,
@@ -162,6 +180,7 @@ PartialState::~PartialState() {
 }
 
 void PartialState::destroy_process_group() {
+  direct_.reset();
   process_group_.reset();
   store_.reset();
 }

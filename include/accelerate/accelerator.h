@@ -435,6 +435,22 @@ class Accelerator {
     (guard.set(synchronizer_of(models), false), ...);
     return guard;
   }
+  /// The data-parallel gradient synchronizer of a prepared model (what Python Accelerate's
+  /// prepared DDP model is): for register_comm_hook() and stats(). nullptr with one process, or
+  /// for a model that was not prepared.
+  ///
+  /// Example:
+  /// \code
+  ///   if (auto* sync = accelerator.synchronizer(net)) {
+  ///     auto s = sync->stats();
+  ///     accelerator.print("communication hidden: ", s.hidden_seconds / s.communication_seconds);
+  ///   }
+  /// \endcode
+  template <class M>
+  GradientSynchronizer* synchronizer(const M& model) const {
+    return synchronizer_of(model);
+  }
+
   /// The next backward synchronises these models' gradients even inside no_sync.
   template <class... Models>
   SyncGuard trigger_sync_in_backward(const Models&... models) {

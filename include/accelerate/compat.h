@@ -16,8 +16,12 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <c10/core/Allocator.h>
+
 #include <chrono>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #if defined(USE_C10D_NCCL)
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
@@ -83,6 +87,43 @@ inline c10::intrusive_ptr<Backend> make_nccl(const c10::intrusive_ptr<c10d::Stor
   TORCH_CHECK(false, "accelerate-cpp: this LibTorch was built without NCCL; use the gloo backend");
 #endif
 }
+
+// ================================================================ allocators (cpu_allocator.h)
+// LibTorch 2.3 made Allocator::allocate non-const and added a pure virtual copy_data. An allocator
+// derives from CpuAllocatorBase and implements allocate_impl; the right allocate() is picked
+// from the base class's own signature, so no version number has to be right.
+
+namespace detail {
+inline constexpr bool kConstAllocate =
+    std::is_same_v<decltype(&c10::Allocator::allocate),
+                   c10::DataPtr (c10::Allocator::*)(size_t) const>;
+
+template <class Base, bool kConst>
+struct AllocateAdapter;
+
+template <class Base>
+struct AllocateAdapter<Base, true> : Base {
+  c10::DataPtr allocate(size_t n) const override { return allocate_impl(n); }
+  virtual c10::DataPtr allocate_impl(size_t n) const = 0;
+  // Overrides LibTorch >= 2.3's pure virtual; a plain member before.
+  void copy_data(void* dest, const void* src, std::size_t count) const {
+    std::memcpy(dest, src, count);
+  }
+};
+
+template <class Base>
+struct AllocateAdapter<Base, false> : Base {
+  c10::DataPtr allocate(size_t n) override { return allocate_impl(n); }
+  virtual c10::DataPtr allocate_impl(size_t n) const = 0;
+  void copy_data(void* dest, const void* src, std::size_t count) const {
+    std::memcpy(dest, src, count);
+  }
+};
+}  // namespace detail
+
+/// Base of a c10::Allocator that builds with every LibTorch: implement
+/// `c10::DataPtr allocate_impl(size_t n) const`.
+using CpuAllocatorBase = detail::AllocateAdapter<c10::Allocator, detail::kConstAllocate>;
 
 // ======================================================================= autocast (amp.h)
 // LibTorch 2.4 replaced the per-device autocast state functions (is_cpu_enabled, set_enabled for

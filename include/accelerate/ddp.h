@@ -4,11 +4,15 @@
 /// `DistributedDataParallel` does, without wrapping the module's forward.
 ///
 /// A GradientSynchronizer makes every replica start from process 0's parameters and buffers, then
-/// hooks each trainable parameter's gradient accumulator. During `loss.backward()` gradients are
-/// packed into buckets (in reverse registration order, the order they tend to become ready) and
-/// each bucket is all-reduced asynchronously as soon as it is complete, so communication overlaps
-/// the rest of the backward pass. When backward ends every `.grad` holds the average over
-/// processes.
+/// hooks each trainable parameter's gradient accumulator. During `loss.backward()` each gradient
+/// is divided by the number of processes into its bucket as autograd produces it (buckets follow
+/// DDP's rule, in reverse registration order, the order gradients tend to become ready), and
+/// becomes a view of that bucket; each bucket is all-reduced asynchronously as soon as it is
+/// complete, so communication overlaps the rest of the backward pass. Buckets of at most 64 KiB
+/// (and a last bucket of at most 1 MiB, with few processes) cost a round trip rather than
+/// bandwidth: on Gloo they are summed when backward's computation ends, on the calling thread,
+/// through Gloo's own API. When backward ends every `.grad` holds the average over processes.
+/// A communication hook (comm_hooks.h) may replace the plain average.
 ///
 /// Example:
 /// \code
@@ -21,6 +25,7 @@
 ///   }
 /// \endcode
 
+#include <accelerate/comm_hooks.h>
 #include <accelerate/state.h>
 
 #include <torch/nn/module.h>
@@ -41,8 +46,9 @@ namespace accelerate {
 ///                                                     .find_unused_parameters = true};
 /// \endcode
 struct DistributedDataParallelKwargs {
-  /// Largest gradient bucket, in MiB. The first bucket is capped at min(1 MiB, this) so that the
-  /// first all-reduce starts early in backward.
+  /// Bucket size, in MiB, by DDP's rule: a bucket is sent once the parameter that brings it to
+  /// this size is in it (that parameter included). The first bucket of each dtype is capped at
+  /// min(1 MiB, this) so that the first all-reduce starts early in backward.
   double bucket_cap_mb = 25;
   /// Allow parameters that get no gradient in a backward pass (on some or all processes). Such a
   /// parameter contributes its current `.grad` (what no_sync steps accumulated) or zeros, so the
@@ -55,16 +61,49 @@ struct DistributedDataParallelKwargs {
   /// Whether the Accelerator should call broadcast_buffers() before each forward pass. The
   /// synchronizer only provides broadcast_buffers(); it does not call it by itself.
   bool broadcast_buffers = true;
-  /// After the first synchronized backward, each `.grad` shares memory with its bucket, so
-  /// gradients are neither copied into nor out of the bucket and take no extra memory. Holds for
-  /// parameters whose bucket has their dtype and device (not 16-bit ones on Gloo, whose buckets
-  /// are float32); others are copied as usual. Setting `.grad` to an undefined tensor (LibTorch
-  /// 2.x's `zero_grad()`) is fine: the next synchronization makes it a bucket view again. Since
-  /// `.grad` is the bucket, a parameter no process used still has its `.grad` averaged.
+  /// In both settings each `.grad` becomes a view of its bucket as soon as autograd produced
+  /// it: the fresh gradient is freed during backward, it is divided by the number of processes
+  /// while it is copied in (one pass over the gradients per step), and nothing is copied back
+  /// after the all-reduce. Parameters whose bucket has another dtype or device (16-bit ones on
+  /// Gloo, whose buckets are float32) get copies as usual. This flag decides what happens to a
+  /// gradient someone kept from an earlier step (a tensor that still refers to the bucket after
+  /// zero_grad() or across steps), as in DDP: false (the default) leaves it unchanged (the
+  /// bucket moves to new memory that step); true lets the next synchronization overwrite it, and
+  /// a parameter no process used then still has its `.grad` averaged.
   bool gradient_as_bucket_view = false;
   /// Accepted for compatibility and ignored: it is an optimization hint in PyTorch and has no
   /// effect on results here.
   bool static_graph = false;
+  /// Accelerate's `comm_hook`: a built-in communication hook in place of the plain average
+  /// (comm_hooks.h): NO, FP16, BF16, POWER_SGD or BATCHED_POWER_SGD.
+  DDPCommunicationHookType comm_hook = DDPCommunicationHookType::NO;
+  /// Accelerate's `comm_wrapper`: NO, FP16 or BF16, running comm_hook on a 16-bit copy.
+  DDPCommunicationHookType comm_wrapper = DDPCommunicationHookType::NO;
+  /// Accelerate's `comm_state_option`: the PowerSGD hooks' settings.
+  PowerSGDOptions comm_state_option;
+  /// A hook of your own (PyTorch's `register_comm_hook`); give it or comm_hook, not both.
+  CommHook comm_hook_fn;
+};
+
+/// Where the time of synchronized backward passes went, summed since construction (or the last
+/// reset_stats()). Communication runs from each bucket's launch to its completion; the part of
+/// it before backward's computation ended was hidden behind that computation.
+///
+/// Example:
+/// \code
+///   auto s = sync.stats();
+///   std::cout << "hidden: " << s.hidden_seconds / s.communication_seconds << "\n";
+/// \endcode
+struct SyncStats {
+  /// Synchronized backward passes.
+  int64_t synchronized_steps = 0;
+  /// Time some bucket was being communicated (the union of [launch, completion] per step).
+  double communication_seconds = 0;
+  /// The part of communication_seconds before the backward computation ended.
+  double hidden_seconds = 0;
+  /// From the end of the backward computation to the gradients being averaged: what the
+  /// synchronization added to the step.
+  double exposed_seconds = 0;
 };
 
 namespace detail {
@@ -164,6 +203,14 @@ class GradientSynchronizer {
   const DistributedDataParallelKwargs& kwargs() const { return kwargs_; }
   /// True when hooks are installed, i.e. there is more than one process.
   bool active() const;
+
+  /// Replaces the plain average by `hook` (see comm_hooks.h), as PyTorch's DDP
+  /// `register_comm_hook`: once, before the first synchronized backward pass.
+  void register_comm_hook(CommHook hook);
+
+  /// Timings of the synchronized backward passes so far.
+  SyncStats stats() const;
+  void reset_stats();
 
   // ------------------------------------------------------------------ introspection
   /// The names (from named_parameters()) of the parameters in each bucket, in launch order.

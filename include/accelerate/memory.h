@@ -37,7 +37,8 @@ namespace accelerate {
 // ---------------------------------------------------------------------- freeing memory
 
 /// Empties the CUDA caching allocator's cache when CUDA is in use (Accelerate's
-/// `clear_device_cache`). The CPU allocator keeps no cache, so on the CPU this does nothing.
+/// `clear_device_cache`), and the blocks the CPU caching allocator keeps for reuse
+/// (detail/cpu_allocator.h).
 ///
 /// Example:
 /// \code

@@ -38,6 +38,10 @@
 
 namespace accelerate {
 
+namespace detail {
+class DirectGloo;
+}  // namespace detail
+
 /// Accelerate's `DistributedType`, restricted to what a C++ program can be.
 enum class DistributedType { NO, MULTI_CPU, MULTI_GPU };
 
@@ -126,6 +130,10 @@ class PartialState : public std::enable_shared_from_this<PartialState> {
   const ProcessTopology& topology() const { return topology_; }
   /// The process group, or nullptr for a single process.
   compat::Backend* process_group() const { return process_group_.get(); }
+  /// Gloo contexts of our own for small and out-of-place CPU collectives (see
+  /// detail/direct_gloo.h), or nullptr: single process, NCCL, a build without them, or
+  /// `ACCELERATE_DIRECT_GLOO=0`.
+  detail::DirectGloo* direct() const { return direct_.get(); }
   /// Multi-line description, like printing Accelerate's state.
   std::string describe() const;
 
@@ -228,6 +236,7 @@ class PartialState : public std::enable_shared_from_this<PartialState> {
   std::chrono::milliseconds timeout_{std::chrono::seconds(1800)};
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<compat::Backend> process_group_;
+  std::unique_ptr<detail::DirectGloo> direct_;
   std::atomic<bool> trigger_{false};
   StateOptions options_;
 };

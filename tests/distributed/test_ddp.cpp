@@ -11,8 +11,10 @@
 
 #include "thread_ranks.h"
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -211,8 +213,9 @@ TEST(Ddp, TinyBucketsHoldOneParameterEachInReverseRegistrationOrder) {
         world,
         [&](PartialState& state) {
           auto model = make_mlp(30 + static_cast<uint64_t>(state.process_index()));
+          // 10 bytes: every parameter fills a bucket on its own.
           GradientSynchronizer sync(as_module(model), state.shared_from_this(),
-                                    {.bucket_cap_mb = 0.0001});
+                                    {.bucket_cap_mb = 0.00001});
           const std::vector<std::vector<std::string>> expected{
               {"fc2.bias"}, {"fc2.weight"}, {"fc1.bias"}, {"fc1.weight"}};
           if (sync.bucket_parameter_names() != expected) throw std::runtime_error("bucket order");
@@ -274,7 +277,7 @@ TEST(Ddp, FirstAllReducesStartWhileBackwardIsStillRunning) {
       [&](PartialState& state) {
         auto model = make_mlp(50 + static_cast<uint64_t>(state.process_index()));
         GradientSynchronizer sync(as_module(model), state.shared_from_this(),
-                                  {.bucket_cap_mb = 0.0001});
+                                  {.bucket_cap_mb = 0.00001});
         // fc1 -> probe -> fc2: backward reaches the probe after fc2's gradients and before fc1's.
         int64_t at_probe = -1;
         auto run = [&](MlpImpl& m, int rank) {
@@ -330,7 +333,7 @@ TEST(Ddp, AFailedBackwardDoesNotPoisonTheNextOne) {
         const int rank = state.process_index();
         auto model = make_mlp(57 + static_cast<uint64_t>(rank));
         GradientSynchronizer sync(as_module(model), state.shared_from_this(),
-                                  {.bucket_cap_mb = 0.0001});
+                                  {.bucket_cap_mb = 0.00001});
         auto run = [](MlpImpl& m, int r, bool fail) {
           auto h = FailingBackward::apply(m.fc1(batch(r)), fail);
           return loss_of(m.fc2(torch::tanh(h)));
@@ -364,7 +367,7 @@ TEST(Ddp, BucketsLaunchInOneOrderWhicheverGradientsArriveFirst) {
                             [] { return std::make_shared<TwoBranchesImpl>(); });
         // One bucket per parameter, of four different sizes: were they launched in arrival
         // order, the two processes would pair all-reduces of different buckets.
-        GradientSynchronizer sync(model, state.shared_from_this(), {.bucket_cap_mb = 0.0001});
+        GradientSynchronizer sync(model, state.shared_from_this(), {.bucket_cap_mb = 0.00001});
         std::vector<torch::Tensor> want;
         for (int r = 0; r < world; ++r) {
           auto copy = seeded(0, [] { return std::make_shared<TwoBranchesImpl>(); });
@@ -684,6 +687,148 @@ TEST(Ddp, RejectsANonPositiveBucketCap) {
                                       {.bucket_cap_mb = 0}),
                  c10::Error);
   });
+}
+
+// DDP's bucket assignment (torch.distributed's compute_bucket_assignment_by_size), stated
+// independently of ddp.cpp: parameters in reverse registration order, grouped by dtype; a
+// group's bucket is emitted by the parameter that brings it to its limit, that parameter
+// included; each group's first limit is min(1 MiB, cap), later ones the cap; buckets left open
+// at the end follow in the order of their first parameter.
+std::vector<std::vector<std::string>> ddp_rule(const torch::nn::Module& model, double cap_mb) {
+  const auto cap = static_cast<int64_t>(cap_mb * 1024 * 1024);
+  struct Open {
+    std::vector<std::string> names;
+    int64_t bytes = 0;
+    int64_t limit = 0;
+  };
+  std::map<c10::ScalarType, Open> open;
+  std::vector<c10::ScalarType> open_order;
+  std::vector<std::vector<std::string>> out;
+  const auto named_dict = model.named_parameters();
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (const auto& item : named_dict) named.emplace_back(item.key(), item.value());
+  for (auto it = named.rbegin(); it != named.rend(); ++it) {
+    const auto& t = it->second;
+    // Gloo buckets 16-bit gradients in float32.
+    const auto dtype = t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kHalf
+                           ? torch::kFloat
+                           : t.scalar_type();
+    if (open.count(dtype) == 0) open[dtype].limit = std::min<int64_t>(cap, 1024 * 1024);
+    auto& o = open[dtype];
+    if (o.names.empty()) open_order.push_back(dtype);
+    o.names.push_back(it->first);
+    o.bytes += t.numel() * static_cast<int64_t>(c10::elementSize(dtype));
+    if (o.bytes >= o.limit) {
+      out.push_back(o.names);
+      o.names.clear();
+      o.bytes = 0;
+      o.limit = cap;
+      open_order.erase(std::find(open_order.begin(), open_order.end(), dtype));
+    }
+  }
+  for (auto dtype : open_order) out.push_back(open[dtype].names);
+  return out;
+}
+
+TEST(Ddp, BucketsFollowDdpsAssignmentRule) {
+  // Layer sizes around the 1 MiB first bucket and the caps of the grid.
+  auto model = seeded(150, [] {
+    torch::nn::Sequential seq;
+    seq->push_back(torch::nn::Linear(512, 512));   // 1 MiB weight
+    seq->push_back(torch::nn::Linear(512, 300));   // 600 KiB
+    seq->push_back(torch::nn::Linear(300, 1000));  // 1.14 MiB
+    seq->push_back(torch::nn::Linear(1000, 64));   // 250 KiB
+    seq->push_back(torch::nn::Linear(64, 2));      // 512 B
+    return seq;
+  });
+  auto mixed = seeded(151, [] {
+    torch::nn::Sequential seq;
+    seq->push_back(torch::nn::Linear(300, 300));
+    seq->push_back(torch::nn::Linear(300, 400));
+    seq->push_back(torch::nn::Linear(400, 200));
+    return seq;
+  });
+  mixed[1]->to(torch::kDouble);
+  run_ranks(
+      2,
+      [&](PartialState& state) {
+        size_t checked = 0;
+        for (auto* m : {&model, &mixed}) {
+          for (double cap : {0.00001, 0.001, 0.3, 0.7, 1.0, 1.5, 2.0, 25.0}) {
+            GradientSynchronizer sync(m->ptr(), state.shared_from_this(), {.bucket_cap_mb = cap});
+            const auto want = ddp_rule(**m, cap);
+            if (sync.bucket_parameter_names() != want) {
+              throw std::runtime_error("cap " + std::to_string(cap) + ": buckets differ");
+            }
+            checked += want.size();
+          }
+        }
+        // The grid must produce more than one bucket somewhere, or it proves little.
+        if (checked < 40) throw std::runtime_error("grid too coarse");
+      },
+      bounded());
+}
+
+TEST(Ddp, GradientsAreBucketViewsYetAGradientKeptFromAnEarlierStepKeepsItsValue) {
+  for (bool as_view : {false, true}) {
+    run_ranks(
+        2,
+        [&](PartialState& state) {
+          const int rank = state.process_index();
+          auto model = make_mlp(160 + static_cast<uint64_t>(rank));
+          GradientSynchronizer sync(as_module(model), state.shared_from_this(),
+                                    {.gradient_as_bucket_view = as_view});
+          const auto want = mean_local_grads(*model, 2, run_mlp);
+          run_mlp(*model, rank).backward();
+          check_close(grads_of(*model), want, "first step");
+          // Every gradient is a view of the one bucket: nothing was copied back.
+          const auto first = model->fc2->bias.grad();
+          for (const auto& p : model->parameters()) {
+            if (!p.grad().is_alias_of(first)) throw std::runtime_error("not a bucket view");
+          }
+          // Kept past zero_grad(set_to_none), then a backward on other data.
+          const at::Tensor kept = model->fc1->weight.grad();
+          const at::Tensor value = kept.clone();
+          for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
+          auto other = [](MlpImpl& m, int r) { return loss_of(m.forward(batch(r + 7))); };
+          const auto want2 = mean_local_grads(*model, 2, other);
+          other(*model, rank).backward();
+          check_close(grads_of(*model), want2, "second step");
+          const bool unchanged = at::equal(kept, value);
+          if (!as_view && !unchanged) throw std::runtime_error("the kept gradient changed");
+          // With gradient_as_bucket_view the next synchronization overwrites it, as in DDP.
+          if (as_view && unchanged) throw std::runtime_error("the kept gradient is no view");
+          if (!as_view && kept.is_alias_of(model->fc1->weight.grad()))
+            throw std::runtime_error("the bucket did not move away from the kept gradient");
+        },
+        bounded());
+  }
+}
+
+TEST(Ddp, StatsCountStepsCommunicationAndTheShareHiddenBehindBackward) {
+  run_ranks(
+      2,
+      [&](PartialState& state) {
+        const int rank = state.process_index();
+        auto model = make_mlp(170 + static_cast<uint64_t>(rank), 64);
+        GradientSynchronizer sync(as_module(model), state.shared_from_this(),
+                                  {.bucket_cap_mb = 0.00001});
+        for (int step = 0; step < 4; ++step) {
+          run_mlp(*model, rank).backward();
+          if (step == 1) {
+            auto local = sync.no_sync();
+            run_mlp(*model, rank).backward();  // not a synchronized step
+          }
+        }
+        const auto s = sync.stats();
+        if (s.synchronized_steps != 4) throw std::runtime_error("steps");
+        if (!(s.communication_seconds > 0) || s.hidden_seconds < 0 ||
+            s.hidden_seconds > s.communication_seconds + 1e-9 || !(s.exposed_seconds > 0))
+          throw std::runtime_error("implausible timings");
+        sync.reset_stats();
+        if (sync.stats().synchronized_steps != 0) throw std::runtime_error("reset");
+      },
+      bounded());
 }
 
 }  // namespace

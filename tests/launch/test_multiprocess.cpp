@@ -7,6 +7,7 @@
 
 #include <future>
 #include <string>
+#include <thread>
 #include <vector>
 
 using accelerate::testing::ChildProcess;
@@ -121,6 +122,39 @@ TEST(MultiProcess, OpenMpiVariablesWithoutOurLauncher) {
     EXPECT_TRUE(contains(r.output, "state_worker rank " + std::to_string(rank) + "/2 local " +
                                        std::to_string(rank) + "/2 source openmpi sum 3"))
         << r.output;
+  }
+}
+
+// Started without our launcher (as torchrun, SLURM or mpirun would), a worker still gets what
+// the launcher would have set for speed: threads sharing the cores, the CPU caching allocator,
+// direct Gloo; and the environment still overrides each.
+TEST(MultiProcess, SpeedSettingsHoldWithoutOurLauncher) {
+  const unsigned cores = std::max(1U, std::thread::hardware_concurrency());
+  const std::string threads = std::to_string(std::max(1U, cores / 2));
+  for (bool overridden : {false, true}) {
+    const std::string port = std::to_string(free_port());
+    std::vector<std::map<std::string, std::string>> envs;
+    for (int rank = 0; rank < 2; ++rank) {
+      envs.push_back({{"RANK", std::to_string(rank)},
+                      {"WORLD_SIZE", "2"},
+                      {"LOCAL_RANK", std::to_string(rank)},
+                      {"LOCAL_WORLD_SIZE", "2"},
+                      {"MASTER_ADDR", "127.0.0.1"},
+                      {"MASTER_PORT", port}});
+      if (overridden) {
+        envs.back()["OMP_NUM_THREADS"] = "2";
+        envs.back()["ACCELERATE_CPU_CACHE_MB"] = "0";
+        envs.back()["ACCELERATE_DIRECT_GLOO"] = "0";
+      }
+    }
+    auto results = run_processes({worker_path("state_worker"), "--runtime"}, envs);
+    const std::string want = overridden
+                                 ? "runtime threads 2 cpu_cache 0 direct_gloo 0"
+                                 : "runtime threads " + threads + " cpu_cache 1 direct_gloo 1";
+    for (const auto& r : results) {
+      EXPECT_EQ(r.exit_code, 0) << r.output;
+      EXPECT_TRUE(contains(r.output, want)) << "want: " << want << "\n" << r.output;
+    }
   }
 }
 

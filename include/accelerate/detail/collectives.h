@@ -20,10 +20,13 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace accelerate::detail {
+
+class DirectWork;
 
 /// Debug-mode check: throws on every rank when `t`'s shape or dtype differs between ranks.
 /// Does nothing (and costs nothing) outside debug mode or for a single process.
@@ -60,6 +63,8 @@ std::string broadcast_bytes(const PartialState& state, const char* op, const std
 
 /// Waits for `work`; a failure or timeout becomes an error naming `op` and this process.
 void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<compat::Work>& work);
+/// The same for a collective running on PartialState::direct()'s worker.
+void wait(const PartialState& state, const char* op, const std::shared_ptr<DirectWork>& work);
 
 /// Blocks until every process arrives.
 void barrier(const PartialState& state, const char* op);

@@ -3,7 +3,10 @@
 //   state_worker            -> "state_worker rank R/W local L/LW source S sum X"; exit 0 iff X ok
 //   state_worker --fail-in-main-first -> rank 0 throws inside main_process_first; the others must
 //                              get an error and exit 4 instead of running the block.
+//   state_worker --runtime   -> also "runtime threads T cpu_cache C direct_gloo D": what the state
+//                              set up for speed, whoever started the process.
 
+#include <accelerate/detail/cpu_allocator.h>
 #include <accelerate/operations.h>
 #include <accelerate/state.h>
 
@@ -31,6 +34,11 @@ int main(int argc, char** argv) {
   out << "state_worker rank " << state.process_index() << "/" << n << " local "
       << state.local_process_index() << "/" << state.num_processes_per_node() << " source "
       << state.topology().source << " sum " << sum << "\n";
+  if (argc > 1 && std::strcmp(argv[1], "--runtime") == 0) {
+    out << "runtime threads " << at::get_num_threads() << " cpu_cache "
+        << accelerate::detail::cpu_cache_stats().installed << " direct_gloo "
+        << (state.direct() != nullptr) << "\n";
+  }
   std::cout << out.str() << std::flush;
   state.wait_for_everyone();
   return sum == n * (n + 1) / 2 ? 0 : 1;

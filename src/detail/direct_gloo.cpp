@@ -1,0 +1,513 @@
+#include "accelerate/detail/direct_gloo.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+
+#if ACCELERATE_HAVE_DIRECT_GLOO
+#include <gloo/allreduce.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/transport/buffer.h>
+#include <gloo/transport/pair.h>
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+namespace accelerate::detail {
+
+// ---------------------------------------------------------------------- DirectWork
+
+void DirectWork::wait() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  done_.wait(lock, [&] { return completed_; });
+  if (error_) std::rethrow_exception(error_);
+}
+
+bool DirectWork::completed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return completed_;
+}
+
+std::chrono::steady_clock::time_point DirectWork::completed_at() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return completed_at_;
+}
+
+void DirectWork::finish(std::exception_ptr error) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    completed_ = true;
+    completed_at_ = std::chrono::steady_clock::now();
+    error_ = std::move(error);
+  }
+  done_.notify_all();
+}
+
+#if ACCELERATE_HAVE_DIRECT_GLOO
+
+namespace {
+
+// ---------------------------------------------------------------------- reductions
+// Gloo's reduction signature: c = a (op) b over n elements; c may alias a or b.
+using ReduceFn = void (*)(void*, const void*, const void*, size_t);
+
+struct Sum {
+  template <class T>
+  static T apply(T a, T b) {
+    return a + b;
+  }
+};
+struct Product {
+  template <class T>
+  static T apply(T a, T b) {
+    return a * b;
+  }
+};
+struct Min {
+  template <class T>
+  static T apply(T a, T b) {
+    return b < a ? b : a;
+  }
+};
+struct Max {
+  template <class T>
+  static T apply(T a, T b) {
+    return a < b ? b : a;
+  }
+};
+
+// 16-bit floats are combined in float and rounded once per pair, as NCCL does.
+template <class T>
+struct Compute {
+  using type = T;
+};
+template <>
+struct Compute<c10::Half> {
+  using type = float;
+};
+template <>
+struct Compute<c10::BFloat16> {
+  using type = float;
+};
+
+template <class T, class Op>
+void reduce_elements(void* c_, const void* a_, const void* b_, size_t n) {
+  using C = typename Compute<T>::type;
+  auto* c = static_cast<T*>(c_);
+  const auto* a = static_cast<const T*>(a_);
+  const auto* b = static_cast<const T*>(b_);
+  for (size_t i = 0; i < n; ++i) {
+    c[i] = static_cast<T>(Op::apply(static_cast<C>(a[i]), static_cast<C>(b[i])));
+  }
+}
+
+template <class T>
+ReduceFn pick_op(c10d::ReduceOp op) {
+  if (op == c10d::ReduceOp::SUM) return &reduce_elements<T, Sum>;
+  if (op == c10d::ReduceOp::PRODUCT) return &reduce_elements<T, Product>;
+  if (op == c10d::ReduceOp::MIN) return &reduce_elements<T, Min>;
+  if (op == c10d::ReduceOp::MAX) return &reduce_elements<T, Max>;
+  return nullptr;
+}
+
+ReduceFn reduce_function(c10::ScalarType dtype, c10d::ReduceOp op) {
+  switch (dtype) {
+    case at::kFloat:
+      return pick_op<float>(op);
+    case at::kDouble:
+      return pick_op<double>(op);
+    case at::kHalf:
+      return pick_op<c10::Half>(op);
+    case at::kBFloat16:
+      return pick_op<c10::BFloat16>(op);
+    case at::kChar:
+      return pick_op<int8_t>(op);
+    case at::kByte:
+      return pick_op<uint8_t>(op);
+    case at::kInt:
+      return pick_op<int32_t>(op);
+    case at::kLong:
+      return pick_op<int64_t>(op);
+    default:
+      return nullptr;
+  }
+}
+
+bool supported_dtype(c10::ScalarType dtype) {
+  return reduce_function(dtype, c10d::ReduceOp::SUM) != nullptr;
+}
+
+std::string op_name_of(c10d::ReduceOp op) {
+  if (op == c10d::ReduceOp::SUM) return "sum";
+  if (op == c10d::ReduceOp::PRODUCT) return "product";
+  if (op == c10d::ReduceOp::MIN) return "min";
+  if (op == c10d::ReduceOp::MAX) return "max";
+  return "other";
+}
+
+int op_code(c10d::ReduceOp op) {
+  if (op == c10d::ReduceOp::SUM) return 1;
+  if (op == c10d::ReduceOp::PRODUCT) return 2;
+  if (op == c10d::ReduceOp::MIN) return 3;
+  if (op == c10d::ReduceOp::MAX) return 4;
+  return 0;
+}
+
+std::string op_name_of_code(int64_t code) {
+  switch (code) {
+    case 1:
+      return "sum";
+    case 2:
+      return "product";
+    case 3:
+      return "min";
+    case 4:
+      return "max";
+    default:
+      return "unknown operation " + std::to_string(code);
+  }
+}
+
+// What every exchanged message starts with, so that calls which do not pair up are recognised.
+struct ExchangeHeader {
+  uint64_t sequence;
+  int64_t operation;
+  int64_t dtype;
+  int64_t numel;
+};
+constexpr int64_t kHeaderBytes = sizeof(ExchangeHeader);
+static_assert(kHeaderBytes % 16 == 0, "payloads after the header stay 16-byte aligned");
+
+std::string describe(const ExchangeHeader& h) {
+  std::ostringstream out;
+  out << "call #" << h.sequence << ", " << op_name_of_code(h.operation) << " of " << h.numel << " "
+      << c10::toString(static_cast<c10::ScalarType>(h.dtype)) << " elements";
+  return out.str();
+}
+
+}  // namespace
+
+bool direct_gloo_available() {
+  return true;
+}
+
+// One way of exchanging whole buffers with every peer: a context, one send buffer, and per peer
+// two receive slots used alternately (a process sends call k+2 only after receiving every peer's
+// call k+1, which each peer sends only after it finished reading call k: so a slot is never
+// overwritten while it is read).
+struct Channel {
+  std::shared_ptr<::gloo::rendezvous::Context> context;
+  int64_t capacity = 0;  // payload bytes per message
+  std::mutex mutex;
+  uint64_t sequence = 0;
+  at::Tensor send_memory;
+  at::Tensor recv_memory[2];
+  at::Tensor accumulator;
+  std::vector<std::unique_ptr<::gloo::transport::Buffer>> sends[2];
+  std::vector<std::unique_ptr<::gloo::transport::Buffer>> recvs[2];
+
+  int64_t slot_bytes() const { return kHeaderBytes + capacity; }
+};
+
+struct DirectGloo::Impl {
+  std::shared_ptr<::gloo::transport::Device> device;
+  std::shared_ptr<::gloo::rendezvous::Context> ring;
+  std::chrono::milliseconds timeout{0};
+  // Small messages: pairs in Gloo's synchronous mode, read and written by the calling thread.
+  Channel small;
+  // Medium messages: pairs in Gloo's usual mode (its event-loop thread reads them): messages
+  // this large could fill the kernel's socket buffers, and two processes writing to each other
+  // at once must not wait for each other to read.
+  Channel medium;
+  bool has_medium = false;
+
+  // Ring: one worker thread runs the submitted collectives in order.
+  std::mutex queue_mutex;
+  std::condition_variable queue_ready;
+  std::deque<std::function<void()>> queue;
+  bool stopping = false;
+  uint32_t next_tag = 0;
+  std::thread worker;
+
+  void run_worker() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(queue_mutex);
+        queue_ready.wait(lock, [&] { return stopping || !queue.empty(); });
+        if (queue.empty()) return;
+        task = std::move(queue.front());
+        queue.pop_front();
+      }
+      task();
+    }
+  }
+};
+
+namespace {
+
+std::shared_ptr<::gloo::transport::Device> make_device(const compat::GlooAddress& address) {
+  if (!address.interface.empty()) {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(address.interface);
+  }
+  if (!address.hostname.empty()) {
+    return c10d::ProcessGroupGloo::createDeviceForHostname(address.hostname);
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+std::shared_ptr<::gloo::rendezvous::Context> connect(
+    const c10::intrusive_ptr<c10d::Store>& store, const std::string& prefix, int rank, int world,
+    std::chrono::milliseconds timeout, std::shared_ptr<::gloo::transport::Device>& device) {
+  c10d::ProcessGroupGloo::GlooStore gloo_store(
+      c10::make_intrusive<c10d::PrefixStore>(prefix, store));
+  auto context = std::make_shared<::gloo::rendezvous::Context>(rank, world);
+  context->setTimeout(timeout);
+  context->connectFullMesh(gloo_store, device);
+  return context;
+}
+
+void open_channel(Channel& channel, const c10::intrusive_ptr<c10d::Store>& store,
+                  const std::string& prefix, int rank, int world, std::chrono::milliseconds timeout,
+                  std::shared_ptr<::gloo::transport::Device>& device, int64_t capacity, bool sync) {
+  channel.context = connect(store, prefix, rank, world, timeout, device);
+  channel.capacity = capacity;
+  const int64_t slot_bytes = channel.slot_bytes();
+  channel.send_memory = at::empty({slot_bytes}, at::kByte);
+  channel.accumulator = at::empty({capacity}, at::kByte);
+  for (int k = 0; k < 2; ++k) {
+    channel.recv_memory[k] = at::empty({slot_bytes * world}, at::kByte);
+    channel.sends[k].resize(static_cast<size_t>(world));
+    channel.recvs[k].resize(static_cast<size_t>(world));
+  }
+  for (int peer = 0; peer < world; ++peer) {
+    if (peer == rank) continue;
+    auto& pair = channel.context->getPair(peer);
+    // The calling thread reads and writes this pair's socket itself (no event-loop hand-off).
+    if (sync) pair->setSync(/*sync=*/true, /*busyPoll=*/false);
+    for (int k = 0; k < 2; ++k) {
+      auto* recv_at = channel.recv_memory[k].data_ptr<uint8_t>() + slot_bytes * peer;
+      channel.recvs[k][static_cast<size_t>(peer)] =
+          pair->createRecvBuffer(k, recv_at, static_cast<size_t>(slot_bytes));
+      channel.sends[k][static_cast<size_t>(peer)] = pair->createSendBuffer(
+          k, channel.send_memory.data_ptr(), static_cast<size_t>(slot_bytes));
+    }
+  }
+}
+
+}  // namespace
+
+DirectGloo::DirectGloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world_size,
+                       std::chrono::milliseconds timeout, const compat::GlooAddress& address)
+    : rank_(rank), world_size_(world_size), impl_(std::make_unique<Impl>()) {
+  TORCH_CHECK(world_size >= 2 && rank >= 0 && rank < world_size,
+              "accelerate: DirectGloo needs 0 <= rank < world_size and world_size >= 2, got rank ",
+              rank, " of ", world_size);
+  auto& impl = *impl_;
+  impl.timeout = timeout;
+  impl.device = make_device(address);
+  impl.ring = connect(store, "direct/ring/", rank, world_size, timeout, impl.device);
+  open_channel(impl.small, store, "direct/small/", rank, world_size, timeout, impl.device,
+               kExchangeBytes, /*sync=*/true);
+  impl.has_medium = world_size <= kMediumExchangeMaxProcesses;
+  if (impl.has_medium) {
+    open_channel(impl.medium, store, "direct/medium/", rank, world_size, timeout, impl.device,
+                 kMediumExchangeBytes, /*sync=*/false);
+  }
+  impl.worker = std::thread([&impl] { impl.run_worker(); });
+}
+
+DirectGloo::~DirectGloo() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->queue_mutex);
+    impl_->stopping = true;
+  }
+  impl_->queue_ready.notify_all();
+  if (impl_->worker.joinable()) impl_->worker.join();
+}
+
+bool DirectGloo::exchangeable(const at::Tensor& t) const {
+  if (!ringable(t)) return false;
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  return bytes <= (impl_->has_medium ? kMediumExchangeBytes : kExchangeBytes);
+}
+
+bool DirectGloo::ringable(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.is_contiguous() && !t.is_sparse() &&
+         supported_dtype(t.scalar_type());
+}
+
+void DirectGloo::exchange_allreduce_(at::Tensor& t, c10d::ReduceOp op, const char* op_name) {
+  TORCH_CHECK(exchangeable(t), "accelerate: '", op_name,
+              "': internal error: the exchange all-reduce takes contiguous CPU tensors of at most ",
+              impl_->has_medium ? kMediumExchangeBytes : kExchangeBytes, " bytes, got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  const ReduceFn fn = reduce_function(t.scalar_type(), op);
+  TORCH_CHECK(fn != nullptr, "accelerate: '", op_name, "': reduction '", op_name_of(op),
+              "' is not supported for ", t.scalar_type());
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  Channel& channel = bytes <= kExchangeBytes ? impl_->small : impl_->medium;
+  std::lock_guard<std::mutex> lock(channel.mutex);
+  const int64_t slot_bytes = channel.slot_bytes();
+  const int k = static_cast<int>(channel.sequence & 1U);
+  ExchangeHeader mine{channel.sequence, op_code(op), static_cast<int64_t>(t.scalar_type()),
+                      t.numel()};
+  auto* send = channel.send_memory.data_ptr<uint8_t>();
+  std::memcpy(send, &mine, sizeof mine);
+  if (bytes > 0) std::memcpy(send + kHeaderBytes, t.data_ptr(), static_cast<size_t>(bytes));
+  // The receiver learns the payload's length from the header, and refuses a message whose
+  // header differs from its own.
+  const auto message = static_cast<size_t>(kHeaderBytes + bytes);
+  ++channel.sequence;
+  try {
+    for (int peer = 0; peer < world_size_; ++peer) {
+      if (peer != rank_) channel.sends[k][static_cast<size_t>(peer)]->send(0, message);
+    }
+    for (int peer = 0; peer < world_size_; ++peer) {
+      if (peer != rank_) channel.recvs[k][static_cast<size_t>(peer)]->waitRecv();
+    }
+    for (int peer = 0; peer < world_size_; ++peer) {
+      if (peer != rank_) channel.sends[k][static_cast<size_t>(peer)]->waitSend();
+    }
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "accelerate: collective '", op_name, "' failed on process ", rank_, " of ",
+                world_size_, " (timeout ", std::chrono::duration<double>(impl_->timeout).count(),
+                " s): ", e.what());
+  }
+  const uint8_t* recv = channel.recv_memory[k].data_ptr<uint8_t>();
+  for (int peer = 0; peer < world_size_; ++peer) {
+    if (peer == rank_) continue;
+    ExchangeHeader theirs{};
+    std::memcpy(&theirs, recv + slot_bytes * peer, sizeof theirs);
+    if (std::memcmp(&theirs, &mine, sizeof mine) != 0) {
+      TORCH_CHECK(false, "accelerate: collective '", op_name,
+                  "' does not match across processes: ", "process ", rank_, " made ",
+                  describe(mine), ", but process ", peer, " made ", describe(theirs),
+                  ". Every process must call the same collectives, in the same order, with "
+                  "tensors of the same shape and dtype.");
+    }
+  }
+  if (bytes == 0) return;
+  // Rank order on every process: the same operands in the same order give the same bits.
+  auto* acc = channel.accumulator.data_ptr<uint8_t>();
+  auto operand = [&](int r) -> const void* {
+    return r == rank_ ? t.data_ptr()
+                      : static_cast<const void*>(recv + slot_bytes * r + kHeaderBytes);
+  };
+  const auto n = static_cast<size_t>(t.numel());
+  std::memcpy(acc, operand(0), static_cast<size_t>(bytes));
+  for (int r = 1; r < world_size_; ++r) fn(acc, acc, operand(r), n);
+  std::memcpy(t.data_ptr(), acc, static_cast<size_t>(bytes));
+}
+
+std::shared_ptr<DirectWork> DirectGloo::ring_allreduce(const at::Tensor& in, const at::Tensor& out,
+                                                       c10d::ReduceOp op) {
+  TORCH_CHECK(ringable(in) && ringable(out) && in.scalar_type() == out.scalar_type() &&
+                  in.numel() == out.numel(),
+              "accelerate: internal error: ring_allreduce needs two contiguous CPU tensors of one "
+              "supported dtype and size, got ",
+              in.scalar_type(), " ", in.sizes(), " and ", out.scalar_type(), " ", out.sizes());
+  const ReduceFn fn = reduce_function(in.scalar_type(), op);
+  TORCH_CHECK(fn != nullptr, "accelerate: reduction '", op_name_of(op), "' is not supported for ",
+              in.scalar_type());
+  auto work = std::make_shared<DirectWork>();
+  auto& impl = *impl_;
+  std::unique_lock<std::mutex> lock(impl.queue_mutex);
+  // Tags are taken in submission order, which every process shares.
+  const uint32_t tag = impl.next_tag++;
+  auto context = impl.ring;
+  impl.queue.emplace_back(
+      [work, in = at::Tensor(in), out = at::Tensor(out), fn, tag, context]() mutable {
+        try {
+          ::gloo::AllreduceOptions opts(context);
+          const size_t bytes = static_cast<size_t>(in.numel()) * in.element_size();
+          // Gloo only needs the element size; the reduction function knows the type.
+          switch (in.element_size()) {
+            case 1:
+              if (in.data_ptr() != out.data_ptr())
+                opts.setInput(static_cast<uint8_t*>(in.data_ptr()), bytes);
+              opts.setOutput(static_cast<uint8_t*>(out.data_ptr()), bytes);
+              break;
+            case 2:
+              if (in.data_ptr() != out.data_ptr())
+                opts.setInput(static_cast<uint16_t*>(in.data_ptr()), bytes / 2);
+              opts.setOutput(static_cast<uint16_t*>(out.data_ptr()), bytes / 2);
+              break;
+            case 4:
+              if (in.data_ptr() != out.data_ptr())
+                opts.setInput(static_cast<uint32_t*>(in.data_ptr()), bytes / 4);
+              opts.setOutput(static_cast<uint32_t*>(out.data_ptr()), bytes / 4);
+              break;
+            default:
+              if (in.data_ptr() != out.data_ptr())
+                opts.setInput(static_cast<uint64_t*>(in.data_ptr()), bytes / 8);
+              opts.setOutput(static_cast<uint64_t*>(out.data_ptr()), bytes / 8);
+              break;
+          }
+          opts.setReduceFunction(fn);
+          opts.setTag(tag);
+          opts.setMaxSegmentSize(kRingSegmentBytes);
+          ::gloo::allreduce(opts);
+        } catch (...) {
+          in = at::Tensor();
+          out = at::Tensor();
+          work->finish(std::current_exception());
+          return;
+        }
+        // Dropped before the waiter wakes, so that a caller freeing its tensors frees them for
+        // real (and the caching allocator can hand them out again at once).
+        in = at::Tensor();
+        out = at::Tensor();
+        work->finish(nullptr);
+      });
+  lock.unlock();
+  impl.queue_ready.notify_one();
+  return work;
+}
+
+#else  // !ACCELERATE_HAVE_DIRECT_GLOO
+
+bool direct_gloo_available() {
+  return false;
+}
+
+struct DirectGloo::Impl {};
+
+DirectGloo::DirectGloo(const c10::intrusive_ptr<c10d::Store>& /*store*/, int rank, int world_size,
+                       std::chrono::milliseconds /*timeout*/,
+                       const compat::GlooAddress& /*address*/)
+    : rank_(rank), world_size_(world_size) {
+  TORCH_CHECK(false, "accelerate: this build has no direct Gloo support (libgloo was not found)");
+}
+
+DirectGloo::~DirectGloo() = default;
+
+bool DirectGloo::exchangeable(const at::Tensor& /*t*/) const {
+  return false;
+}
+
+bool DirectGloo::ringable(const at::Tensor& /*t*/) {
+  return false;
+}
+
+void DirectGloo::exchange_allreduce_(at::Tensor& /*t*/, c10d::ReduceOp /*op*/,
+                                     const char* /*op_name*/) {
+  TORCH_CHECK(false, "accelerate: this build has no direct Gloo support");
+}
+
+std::shared_ptr<DirectWork> DirectGloo::ring_allreduce(const at::Tensor& /*in*/,
+                                                       const at::Tensor& /*out*/,
+                                                       c10d::ReduceOp /*op*/) {
+  TORCH_CHECK(false, "accelerate: this build has no direct Gloo support");
+}
+
+#endif
+
+}  // namespace accelerate::detail
