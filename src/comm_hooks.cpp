@@ -150,7 +150,12 @@ namespace {
 // Casts the bucket to `dtype`, averages, casts back into the bucket.
 CommHook compress_hook(c10::ScalarType dtype) {
   return [dtype](GradBucket& bucket) -> CommHookFinish {
-    at::Tensor compressed = bucket.buffer().to(dtype).div_(bucket.num_processes());
+    // Divided (in the bucket's precision) and narrowed in one pass.
+    at::Tensor compressed =
+        at::empty(bucket.buffer().sizes(), bucket.buffer().options().dtype(dtype));
+    auto world = at::scalar_tensor(static_cast<double>(bucket.num_processes()), at::kDouble);
+    world.unsafeGetTensorImpl()->set_wrapped_number(true);
+    at::div_out(compressed, bucket.buffer(), world);
     auto pending = bucket.all_reduce(compressed);
     return [&bucket, compressed, pending]() mutable {
       pending.wait();

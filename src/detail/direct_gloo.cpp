@@ -1,5 +1,6 @@
 #include "accelerate/detail/direct_gloo.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -18,6 +19,7 @@
 #include <deque>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace accelerate::detail {
@@ -108,8 +110,26 @@ void reduce_elements(void* c_, const void* a_, const void* b_, size_t n) {
   }
 }
 
+// Sums of 16-bit floats through ATen's vectorized kernels (the same float32 add and
+// round-to-nearest-even per pair as reduce_elements, several times faster than converting one
+// element at a time).
+template <c10::ScalarType kType>
+void aten_sum(void* c, const void* a, const void* b, size_t n) {
+  const auto options = at::TensorOptions().dtype(kType);
+  const std::vector<int64_t> shape{static_cast<int64_t>(n)};
+  at::Tensor out = at::from_blob(c, shape, options);
+  at::add_out(out, at::from_blob(const_cast<void*>(a), shape, options),
+              at::from_blob(const_cast<void*>(b), shape, options));
+}
+
 template <class T>
 ReduceFn pick_op(c10d::ReduceOp op) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (op == c10d::ReduceOp::SUM) return &aten_sum<at::kHalf>;
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (op == c10d::ReduceOp::SUM) return &aten_sum<at::kBFloat16>;
+  }
   if (op == c10d::ReduceOp::SUM) return &reduce_elements<T, Sum>;
   if (op == c10d::ReduceOp::PRODUCT) return &reduce_elements<T, Product>;
   if (op == c10d::ReduceOp::MIN) return &reduce_elements<T, Min>;
