@@ -100,8 +100,11 @@ c10::ScalarType reduce_dtype(c10::ScalarType t) {
 
 }  // namespace
 
+namespace {
+
 // Gloo's own timeout ends a stuck collective; this names what the user called, and where.
-void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<compat::Work>& work) {
+template <class Work>
+void wait_naming(const PartialState& state, const char* op, const Work& work) {
   try {
     work->wait();
   } catch (const std::exception& e) {
@@ -111,14 +114,14 @@ void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<co
   }
 }
 
+}  // namespace
+
+void wait(const PartialState& state, const char* op, const c10::intrusive_ptr<compat::Work>& work) {
+  wait_naming(state, op, work);
+}
+
 void wait(const PartialState& state, const char* op, const std::shared_ptr<DirectWork>& work) {
-  try {
-    work->wait();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "accelerate: collective '", op, "' failed on process ",
-                state.process_index(), " of ", state.num_processes(), " (timeout ",
-                std::chrono::duration<double>(state.timeout()).count(), " s): ", e.what());
-  }
+  wait_naming(state, op, work);
 }
 
 void verify_same_shape(const PartialState& state, const char* op, const at::Tensor& t) {

@@ -88,6 +88,17 @@ inline c10::intrusive_ptr<Backend> make_nccl(const c10::intrusive_ptr<c10d::Stor
 #endif
 }
 
+/// Connects a Gloo rendezvous context to every peer through `store` (a shared_ptr to a
+/// gloo::rendezvous::Store): Gloo took the store by reference until 2025 and by shared_ptr since.
+template <class Context, class StorePtr, class DevicePtr>
+void connect_full_mesh(Context& context, const StorePtr& store, DevicePtr& device) {
+  if constexpr (requires { context.connectFullMesh(store, device); }) {
+    context.connectFullMesh(store, device);
+  } else {
+    context.connectFullMesh(*store, device);
+  }
+}
+
 // ================================================================ allocators (cpu_allocator.h)
 // LibTorch 2.3 made Allocator::allocate non-const and added a pure virtual copy_data. An allocator
 // derives from CpuAllocatorBase and implements allocate_impl; the right allocate() is picked

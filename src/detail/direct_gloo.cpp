@@ -286,18 +286,18 @@ std::shared_ptr<::gloo::transport::Device> make_device(const compat::GlooAddress
 std::shared_ptr<::gloo::rendezvous::Context> connect(
     const c10::intrusive_ptr<c10d::Store>& store, const std::string& prefix, int rank, int world,
     std::chrono::milliseconds timeout, std::shared_ptr<::gloo::transport::Device>& device) {
-  c10d::ProcessGroupGloo::GlooStore gloo_store(
-      c10::make_intrusive<c10d::PrefixStore>(prefix, store));
+  std::shared_ptr<::gloo::rendezvous::Store> gloo_store =
+      std::make_shared<c10d::ProcessGroupGloo::GlooStore>(
+          c10::make_intrusive<c10d::PrefixStore>(prefix, store));
   auto context = std::make_shared<::gloo::rendezvous::Context>(rank, world);
   context->setTimeout(timeout);
-  context->connectFullMesh(gloo_store, device);
+  compat::connect_full_mesh(*context, gloo_store, device);
   return context;
 }
 
-void open_channel(Channel& channel, const c10::intrusive_ptr<c10d::Store>& store,
-                  const std::string& prefix, int rank, int world, std::chrono::milliseconds timeout,
-                  std::shared_ptr<::gloo::transport::Device>& device, int64_t capacity, bool sync) {
-  channel.context = connect(store, prefix, rank, world, timeout, device);
+void open_channel(Channel& channel, std::shared_ptr<::gloo::rendezvous::Context> context, int rank,
+                  int world, int64_t capacity, bool sync) {
+  channel.context = std::move(context);
   channel.capacity = capacity;
   const int64_t slot_bytes = channel.slot_bytes();
   channel.send_memory = at::empty({slot_bytes}, at::kByte);
@@ -333,13 +333,15 @@ DirectGloo::DirectGloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, i
   auto& impl = *impl_;
   impl.timeout = timeout;
   impl.device = make_device(address);
+  // Two contexts: the synchronous one for small exchanges, and one in Gloo's usual mode that the
+  // ring (unbound buffers, on the worker) and the medium exchange (bound buffers, on the calling
+  // thread) share: Gloo keeps the two kinds of message apart, and serialises writes per pair.
   impl.ring = connect(store, "direct/ring/", rank, world_size, timeout, impl.device);
-  open_channel(impl.small, store, "direct/small/", rank, world_size, timeout, impl.device,
-               kExchangeBytes, /*sync=*/true);
+  open_channel(impl.small, connect(store, "direct/small/", rank, world_size, timeout, impl.device),
+               rank, world_size, kExchangeBytes, /*sync=*/true);
   impl.has_medium = world_size <= kMediumExchangeMaxProcesses;
   if (impl.has_medium) {
-    open_channel(impl.medium, store, "direct/medium/", rank, world_size, timeout, impl.device,
-                 kMediumExchangeBytes, /*sync=*/false);
+    open_channel(impl.medium, impl.ring, rank, world_size, kMediumExchangeBytes, /*sync=*/false);
   }
   impl.worker = std::thread([&impl] { impl.run_worker(); });
 }

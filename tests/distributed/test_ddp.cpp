@@ -800,6 +800,14 @@ TEST(Ddp, GradientsAreBucketViewsYetAGradientKeptFromAnEarlierStepKeepsItsValue)
           if (as_view && unchanged) throw std::runtime_error("the kept gradient is no view");
           if (!as_view && kept.is_alias_of(model->fc1->weight.grad()))
             throw std::runtime_error("the bucket did not move away from the kept gradient");
+          // Gradients zeroed in place (zero_grad without set_to_none) stay the bucket: autograd
+          // accumulates into it, and the bucket does not move (nothing outside holds it).
+          const at::Tensor installed = model->fc2->weight.grad();
+          zero_grads(*model);
+          run_mlp(*model, rank).backward();
+          check_close(grads_of(*model), want, "third step, zeroed in place");
+          if (!model->fc2->weight.grad().is_same(installed))
+            throw std::runtime_error("the in-place gradient was replaced");
         },
         bounded());
   }

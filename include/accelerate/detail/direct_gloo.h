@@ -14,11 +14,13 @@
 ///    every other process and adds what arrives in rank order, so every process computes the
 ///    same bits. Each message carries a header (sequence number, operation, dtype, element
 ///    count): calls that do not pair up are an error naming both sides, never a wrong sum.
-///  - a *ring* context for large tensors: Gloo's ring all-reduce (`gloo::allreduce`) reading
-///    from one buffer and writing another, so an out-of-place reduction needs no prior copy (the
-///    copy is folded into the ring's first pass), with larger segments than ProcessGroupGloo's
-///    and any reduction function (bfloat16 included). It runs on one worker thread of ours, in
-///    submission order, and returns a handle to wait on.
+///  - a *ring* context in Gloo's usual mode (its event-loop thread does the socket I/O), for
+///    medium tensors the same exchange (with few processes), and for large ones Gloo's ring
+///    all-reduce (`gloo::allreduce`) reading from one buffer and writing another, so an
+///    out-of-place reduction needs no prior copy (the copy is folded into the ring's first pass),
+///    with larger segments than ProcessGroupGloo's and any reduction function (bfloat16
+///    included). The ring runs on one worker thread of ours, in submission order, and returns a
+///    handle to wait on.
 ///
 /// Every process of the group must make the same calls in the same order, as with any
 /// collective. Only CPU tensors; NCCL groups never create this.
