@@ -1,6 +1,6 @@
 // Training-step benchmarks for the Accelerator, each against a baseline measured in the same run.
 //
-// Workload (the training-step issue's, shared with benchmarks/python_peer.py): batch 64 per
+// Workload (the training-step issue's, shared with benchmarks/python_workload.py): batch 64 per
 // process, SGD lr 1e-3, MSE loss, MLPs tiny 8-16-1 and medium 512-2048-2048-512 with ReLU
 // between layers, 5 warm-up steps, then timed steps between barriers; repetitions interleave the
 // variants and report medians.
