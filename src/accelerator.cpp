@@ -1,10 +1,15 @@
 #include "accelerate/accelerator.h"
 
+#include "accelerate/detail/precedence.h"
+
 #include <torch/cuda.h>
 #include <torch/nn/utils/clip_grad.h>
 
 #include <algorithm>
+#include <iostream>
+#include <mutex>
 #include <sstream>
+#include <unordered_set>
 
 namespace accelerate {
 
@@ -30,20 +35,13 @@ MixedPrecision mixed_precision_from_string(const std::string& name) {
 
 namespace {
 
-// The single precedence rule: explicit argument, then the environment, then the default.
+// The single precedence rule (detail/precedence.h): explicit argument, then the environment,
+// then the default.
 template <class T>
 T pick(const std::optional<T>& explicit_value, const std::optional<T>& from_env, T fallback,
        const char* field, std::map<std::string, std::string>& sources) {
-  if (explicit_value) {
-    sources[field] = "argument";
-    return *explicit_value;
-  }
-  if (from_env) {
-    sources[field] = "environment";
-    return *from_env;
-  }
-  sources[field] = "default";
-  return fallback;
+  return detail::pick<T>({{explicit_value, "argument"}, {from_env, "environment"}}, fallback, field,
+                         sources);
 }
 
 std::string join_rng(const std::vector<RNGType>& types) {
@@ -171,6 +169,37 @@ AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options,
   TORCH_CHECK(!(options.scaler_kwargs && c.mixed_precision != MixedPrecision::FP16),
               "accelerate: scaler_kwargs only apply to mixed_precision=\"fp16\", but it is \"",
               to_string(c.mixed_precision), "\"");
+  c.sharding = resolve_sharding(options.fsdp_plugin, options.deepspeed_plugin, env);
+  if (c.sharding.gradient_accumulation_steps) {
+    // DeepSpeed's own setting; Accelerate takes it from the plugin.
+    const int64_t steps = *c.sharding.gradient_accumulation_steps;
+    TORCH_CHECK(src["gradient_accumulation_steps"] != "argument" ||
+                    c.gradient_accumulation.num_steps == steps,
+                "accelerate: gradient_accumulation_steps is ", c.gradient_accumulation.num_steps,
+                " but the DeepSpeed plugin says ", steps, "; give it in one place");
+    c.gradient_accumulation.num_steps = steps;
+    src["gradient_accumulation_steps"] =
+        c.sharding.sources["deepspeed_gradient_accumulation_steps"];
+  }
+  if (c.sharding.mixed_precision) {
+    const auto wanted = mixed_precision_from_string(*c.sharding.mixed_precision);
+    TORCH_CHECK(src["mixed_precision"] == "default" || c.mixed_precision == wanted,
+                "accelerate: mixed_precision is \"", to_string(c.mixed_precision), "\" (from the ",
+                src["mixed_precision"], ") but the DeepSpeed config file enables ",
+                *c.sharding.mixed_precision);
+    c.mixed_precision = wanted;
+    src["mixed_precision"] = "config file";
+  }
+  if (c.sharding.sharded()) {
+    TORCH_CHECK(
+        c.ddp_kwargs.comm_hook == DDPCommunicationHookType::NO && !c.ddp_kwargs.comm_hook_fn,
+        "accelerate: communication hooks (ddp_kwargs.comm_hook) cannot be combined with "
+        "ZeRO stage ",
+        c.sharding.stage, " (", c.sharding.engine, ")");
+    TORCH_CHECK(c.mixed_precision != MixedPrecision::FP16,
+                "accelerate: mixed_precision=\"fp16\" with ZeRO sharding is not supported yet "
+                "(the loss scaler would have to agree on inf/NaN across shards); use \"bf16\"");
+  }
   if (auto v = env_int(env, "ACCELERATE_RESTART_COUNT")) {
     TORCH_CHECK(*v >= 0, "accelerate: ACCELERATE_RESTART_COUNT must be >= 0, got ", *v);
     c.restart_count = *v;
@@ -205,6 +234,7 @@ std::string AcceleratorConfig::describe() const {
   line("use_seedable_sampler", use_seedable_sampler ? "true" : "false");
   line("step_scheduler_with_optimizer", step_scheduler_with_optimizer ? "true" : "false");
   line("restart_count", restart_count);
+  out << sharding.describe();
   return out.str();
 }
 
@@ -215,6 +245,23 @@ namespace detail {
 GradientSynchronizer* AcceleratorCore::synchronizer(const torch::nn::Module* module) const {
   auto it = synchronizers.find(module);
   return it == synchronizers.end() ? nullptr : it->second.get();
+}
+
+ZeroOptimizer* AcceleratorCore::zero(OptimizerSlot& slot) {
+  if (slot.zero) return slot.zero.get();
+  if (!config.sharding.sharded() || !state->use_distributed()) return nullptr;
+  std::vector<GradientSynchronizer*> syncs;
+  for (auto& [module, sync] : synchronizers) syncs.push_back(sync.get());
+  slot.zero = std::make_shared<ZeroOptimizer>(
+      *slot.optimizer, syncs, state,
+      ZeroOptions{.stage = config.sharding.stage,
+                  .gradient_clipping = config.sharding.gradient_clipping,
+                  .offload_optimizer = config.sharding.offload_optimizer});
+  if (!slot.pending_sharded_load.empty()) {
+    slot.zero->load_sharded(slot.pending_sharded_load);
+    slot.pending_sharded_load.clear();
+  }
+  return slot.zero.get();
 }
 
 void AcceleratorCore::unscale(OptimizerSlot& slot) {
@@ -236,7 +283,10 @@ void AcceleratedOptimizer::step() {
   // Gradient hooks finish their all-reduce at the end of backward; make sure, in case backward
   // ran without them (e.g. retain_graph and a second call).
   for (auto& [module, sync] : core_->synchronizers) sync->finalize();
-  if (core_->scaler) {
+  if (auto* zero = core_->zero(*slot_)) {
+    zero->step();
+    slot_->step_was_skipped = false;
+  } else if (core_->scaler) {
     core_->unscale(*slot_);
     const bool stepped = core_->scaler->step(*slot_->optimizer);
     core_->scaler->update();
@@ -255,6 +305,21 @@ void AcceleratedOptimizer::step() {
 
 void AcceleratedOptimizer::zero_grad(bool set_to_none) {
   if (!core_->gradient_state->sync_gradients()) return;
+  if (auto* zero = core_->zero(*slot_)) {
+    // The optimizer holds the pieces; the model's parameters' own gradients go too.
+    zero->zero_grad();
+    for (auto& [module, sync] : core_->synchronizers) {
+      for (auto& p : sync->parameters()) {
+        if (!p.mutable_grad().defined()) continue;
+        if (set_to_none) {
+          p.mutable_grad().reset();
+        } else {
+          p.mutable_grad().detach_();
+          p.mutable_grad().zero_();
+        }
+      }
+    }
+  }
   for (auto& group : slot_->optimizer->param_groups()) {
     for (auto& p : group.params()) {
       if (!p.mutable_grad().defined()) continue;
@@ -330,6 +395,33 @@ Accelerator::Accelerator(const AcceleratorOptions& options)
   if (c.project_config.automatic_checkpoint_naming && c.restart_count > 0) begin_auto_resume();
 }
 
+DistributedType Accelerator::distributed_type() const {
+  const auto type = core_->state->distributed_type();
+  if (type == DistributedType::NO) return type;
+  if (core_->config.sharding.engine == "fsdp") return DistributedType::FSDP;
+  if (core_->config.sharding.engine == "deepspeed") return DistributedType::DEEPSPEED;
+  return type;
+}
+
+void Accelerator::finish_prepare() {
+  auto& core = *core_;
+  if (!core.config.sharding.sharded() || !core.state->use_distributed()) return;
+  std::unordered_set<const c10::TensorImpl*> synchronized;
+  for (auto& [module, sync] : core.synchronizers) {
+    for (const auto& p : sync->parameters()) synchronized.insert(p.unsafeGetTensorImpl());
+  }
+  for (auto& slot : core.optimizers) {
+    if (slot->zero) continue;
+    bool ready = true;
+    for (const auto& group : slot->optimizer->param_groups()) {
+      for (const auto& p : group.params())
+        ready = ready && synchronized.count(p.unsafeGetTensorImpl());
+    }
+    // Otherwise its model comes later; the first step builds it, or names what is missing.
+    if (ready) core.zero(*slot);
+  }
+}
+
 void Accelerator::prepare_module(const std::shared_ptr<torch::nn::Module>& module,
                                  const PrepareModelOptions& options) {
   TORCH_CHECK(module, "accelerate: prepare_model was given an empty model");
@@ -346,8 +438,19 @@ void Accelerator::prepare_module(const std::shared_ptr<torch::nn::Module>& modul
   bool trainable = false;
   for (const auto& p : module->parameters()) trainable = trainable || p.requires_grad();
   if (!trainable) return;
-  core.synchronizers[module.get()] =
-      std::make_shared<GradientSynchronizer>(module, core.state, core.config.ddp_kwargs);
+  auto sync = std::make_shared<GradientSynchronizer>(module, core.state, core.config.ddp_kwargs);
+  if (core.config.sharding.sharded()) sync->shard_gradients(core.config.sharding.stage);
+  core.synchronizers[module.get()] = std::move(sync);
+  static std::once_flag offload_note;
+  if (core.config.sharding.offload_optimizer && !core.state->device().is_cuda()) {
+    std::call_once(offload_note, [&] {
+      if (core.state->is_main_process()) {
+        std::cerr << "accelerate: offload_optimizer_device=cpu: this run is on the CPU, where the "
+                     "optimizer state already lives; nothing to offload\n";
+      }
+    });
+  }
+  finish_prepare();
 }
 
 void Accelerator::remember_optimizer(torch::optim::Optimizer* optimizer,
@@ -364,6 +467,7 @@ void Accelerator::remember_optimizer(torch::optim::Optimizer* optimizer,
 
 AcceleratedOptimizer Accelerator::prepare_optimizer(torch::optim::Optimizer& optimizer) {
   remember_optimizer(&optimizer, nullptr);
+  finish_prepare();
   for (const auto& slot : core_->optimizers) {
     if (slot->optimizer == &optimizer) return AcceleratedOptimizer(slot, core_);
   }
@@ -437,14 +541,40 @@ void Accelerator::unscale_gradients() {
   for (auto& slot : core_->optimizers) core_->unscale(*slot);
 }
 
+namespace {
+
+// Under ZeRO the gradients live in the optimizers' shards. One engine holds the norm's parts on
+// every process; several optimizers would each hold a part of it.
+ZeroOptimizer* sharded_gradients(detail::AcceleratorCore& core, const char* what) {
+  std::vector<ZeroOptimizer*> engines;
+  for (auto& slot : core.optimizers) {
+    if (auto* z = core.zero(*slot)) engines.push_back(z);
+  }
+  if (engines.empty()) return nullptr;
+  TORCH_CHECK(engines.size() == 1, "accelerate: ", what,
+              " under ZeRO sharding supports one "
+              "prepared optimizer, this Accelerator has ",
+              engines.size());
+  return engines[0];
+}
+
+}  // namespace
+
 double Accelerator::clip_grad_norm_(const std::vector<at::Tensor>& parameters, double max_norm,
                                     double norm_type) {
   unscale_gradients();
+  if (auto* zero = sharded_gradients(*core_, "clip_grad_norm_")) {
+    return zero->clip_grad_norm(parameters, max_norm, norm_type);
+  }
   return torch::nn::utils::clip_grad_norm_(parameters, max_norm, norm_type);
 }
 
 void Accelerator::clip_grad_value_(const std::vector<at::Tensor>& parameters, double clip_value) {
   unscale_gradients();
+  if (auto* zero = sharded_gradients(*core_, "clip_grad_value_")) {
+    zero->clip_grad_value(parameters, clip_value);
+    return;
+  }
   torch::nn::utils::clip_grad_value_(parameters, clip_value);
 }
 

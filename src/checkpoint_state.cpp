@@ -128,8 +128,17 @@ CheckpointInfo CheckpointInfo::from_json(const std::string& text, const std::str
   for (const auto& [name, size] : j["files"].items()) {
     TORCH_CHECK(size.is_number_integer() && size.get<int64_t>() >= 0, "accelerate: ", source,
                 ": the size of \"", name, "\" is not a byte count");
-    TORCH_CHECK(!name.empty() && name.find('/') == std::string::npos && name != "." && name != "..",
-                "accelerate: ", source, ": \"", name, "\" is not a file name");
+    // A path inside the checkpoint (sharded optimizer state has a folder): relative, without
+    // "." or ".." parts, so that a doctored marker cannot point outside.
+    bool inside = !name.empty() && name.front() != '/' && name.back() != '/';
+    for (size_t from = 0; inside && from <= name.size();) {
+      const size_t slash = std::min(name.find('/', from), name.size());
+      const std::string part = name.substr(from, slash - from);
+      inside = !part.empty() && part != "." && part != "..";
+      from = slash + 1;
+    }
+    TORCH_CHECK(inside, "accelerate: ", source, ": \"", name,
+                "\" is not a file name inside the checkpoint");
     info.files.emplace_back(name, size.get<int64_t>());
   }
   return info;
@@ -404,6 +413,12 @@ fs::path custom_object_file(const fs::path& dir, size_t index) {
   return dir / (std::string(kCustomCheckpointName) + "_" + std::to_string(index) + ".safetensors");
 }
 
+// SHARDED_STATE_DICT optimizer state: a directory per optimizer, named as Accelerate's FSDP
+// names it.
+fs::path sharded_optimizer_dir(const fs::path& dir, size_t index) {
+  return dir / (std::string(kOptimizerName) + "_" + std::to_string(index));
+}
+
 // One process's share of a checkpoint, read and checked before anything is changed.
 struct RankState {
   safetensors::SafetensorsFile file;  // generator states and sampler states
@@ -482,11 +497,29 @@ void load_object(detail::AcceleratorCore& core, SavedObject kind, size_t index,
           *core.models[index],
           (dir / indexed_file_name(kModelName, index, ".safetensors")).string(), {.strict = true});
       break;
-    case SavedObject::kOptimizer:
-      load_optimizer_state(
-          *core.optimizers[index]->optimizer,
-          (dir / indexed_file_name(kOptimizerName, index, ".safetensors")).string());
+    case SavedObject::kOptimizer: {
+      auto& slot = *core.optimizers[index];
+      const fs::path sharded = sharded_optimizer_dir(dir, index);
+      const fs::path file = dir / indexed_file_name(kOptimizerName, index, ".safetensors");
+      const bool zero_on = core.config.sharding.sharded() && core.state->use_distributed();
+      if (fs::exists(sharded / kZeroIndexFile)) {
+        if (!zero_on) {
+          // One process, or no sharding now: the shards are put together.
+          load_optimizer_state_dict(*slot.optimizer,
+                                    read_sharded_optimizer_state(sharded.string()));
+        } else if (slot.zero) {
+          slot.zero->load_sharded(sharded.string());
+        } else {
+          slot.pending_sharded_load = sharded.string();  // once its model is prepared
+        }
+      } else if (slot.zero) {
+        const auto full = safetensors::load_file(file.string());
+        slot.zero->load_full_state_dict({full.tensors, full.metadata});
+      } else {
+        load_optimizer_state(*slot.optimizer, file.string());
+      }
       break;
+    }
     case SavedObject::kScheduler: {
       const auto file = dir / indexed_file_name(kSchedulerName, index, ".json");
       core.schedulers[index]->load_state_dict(scheduler_from_json(read_text(file), file.string()));
@@ -646,6 +679,24 @@ std::string Accelerator::save_state(const std::string& output_dir) {
   // 2. The files. Hooks run everywhere, as in Accelerate; shared objects are written by the
   // publishing process, per-process state by each.
   CheckpointInfo info;
+  // ZeRO with FULL_STATE_DICT: every process takes part in gathering the whole optimizer state.
+  const bool sharded_files =
+      core.config.sharding.state_dict_type == StateDictType::SHARDED_STATE_DICT;
+  std::vector<std::optional<OptimizerStateDict>> gathered(core.optimizers.size());
+  on_all_processes(state, "save_state", [&] {
+    for (size_t i = 0; i < core.optimizers.size(); ++i) {
+      auto* zero = core.zero(*core.optimizers[i]);
+      if (zero && !sharded_files) gathered[i] = zero->full_state_dict();
+    }
+  });
+  on_all_processes(state, "save_state", [&] {
+    for (size_t i = 0; i < core.optimizers.size(); ++i) {
+      auto& slot = *core.optimizers[i];
+      if (slot.zero && sharded_files) {
+        slot.zero->save_sharded(sharded_optimizer_dir(partial, i).string());
+      }
+    }
+  });
   on_all_processes(state, "save_state", [&] {
     std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
     std::vector<NamedTensors> weights;
@@ -664,9 +715,12 @@ std::string Accelerator::save_state(const std::string& output_dir) {
             {{"format", "pt"}});
       }
       for (size_t i = 0; i < core.optimizers.size(); ++i) {
-        save_optimizer_state(
-            *core.optimizers[i]->optimizer,
-            (partial / indexed_file_name(kOptimizerName, i, ".safetensors")).string());
+        const auto file = (partial / indexed_file_name(kOptimizerName, i, ".safetensors")).string();
+        if (gathered[i]) {
+          safetensors::save_file(gathered[i]->tensors, file, gathered[i]->metadata);
+        } else if (!core.optimizers[i]->zero) {
+          save_optimizer_state(*core.optimizers[i]->optimizer, file);
+        }
       }
       for (size_t i = 0; i < core.schedulers.size(); ++i) {
         write_text(partial / indexed_file_name(kSchedulerName, i, ".json"),
@@ -703,9 +757,11 @@ std::string Accelerator::save_state(const std::string& output_dir) {
     info.step = core.step;
     info.mixed_precision = mixed_precision();
     std::vector<std::pair<std::string, int64_t>> files;
-    for (const auto& entry : fs::directory_iterator(partial)) {
+    // Recursive: sharded optimizer state lives in a folder of its own.
+    for (const auto& entry : fs::recursive_directory_iterator(partial)) {
       if (!entry.is_regular_file()) continue;
-      files.emplace_back(entry.path().filename().string(), static_cast<int64_t>(entry.file_size()));
+      files.emplace_back(fs::relative(entry.path(), partial).generic_string(),
+                         static_cast<int64_t>(entry.file_size()));
     }
     std::sort(files.begin(), files.end());
     info.files = std::move(files);
@@ -765,12 +821,7 @@ std::string Accelerator::load_state(const std::string& input_dir) {
   on_all_processes(state, "load_state", [&] {
     // Everything that can be checked before changing anything.
     const auto info = read_checkpoint_info(dir.string());
-    TORCH_CHECK(info.world_size == num_processes(), "accelerate: load_state: ", dir,
-                " was saved by ", info.world_size, " process(es) and this run has ",
-                num_processes(),
-                "; each process resumes its own generator states and data position, so resume "
-                "with the same number of processes (or load only the weights with "
-                "load_checkpoint_in_model)");
+    for (auto& slot : core.optimizers) (void)core.zero(*slot);
     auto check_count = [&](const char* what, int64_t saved, size_t have) {
       TORCH_CHECK(saved == static_cast<int64_t>(have), "accelerate: load_state: ", dir, " holds ",
                   saved, " ", what, ", this Accelerator has ", have,
@@ -783,7 +834,23 @@ std::string Accelerator::load_state(const std::string& input_dir) {
     TORCH_CHECK(!core.scaler || info.has_scaler, "accelerate: load_state: ", dir,
                 " has no loss scaler state (saved with mixed_precision=", info.mixed_precision,
                 "), this run uses fp16");
-    const auto mine = read_rank_state(dir, process_index(), "load_state");
+    // Another number of processes: a process the saving run did not have starts from process
+    // 0's generator states; data positions are converted to the same sample.
+    const int64_t saved_world = info.world_size;
+    auto mine =
+        read_rank_state(dir, process_index() < saved_world ? process_index() : 0, "load_state");
+    if (saved_world != num_processes()) {
+      for (auto& pos : mine.positions) {
+        if (core.config.split_batches) continue;  // batches are global: the same position
+        const int64_t consumed = pos.batches_yielded * saved_world;
+        TORCH_CHECK(consumed % num_processes() == 0, "accelerate: load_state: ", dir,
+                    " was saved by ", saved_world, " processes after ", pos.batches_yielded,
+                    " batches each (", consumed, " in all), which ", num_processes(),
+                    " processes cannot continue from exactly; resume at a step where the batches "
+                    "seen divide among them, or use split_batches");
+        pos.batches_yielded = consumed / num_processes();
+      }
+    }
     check_count("data loader position(s)", static_cast<int64_t>(mine.positions.size()),
                 core.loaders.size());
 

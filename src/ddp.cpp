@@ -235,7 +235,14 @@ struct SyncCore : std::enable_shared_from_this<SyncCore> {
     c10::ScalarType dtype = at::kFloat;
     c10::Device device{c10::kCPU};  // of its parameters
     int64_t grad_numel = 0;
-    at::Tensor buffer;  // [grad_numel gradients | one used-flag per parameter]
+    // [grad_numel gradients | one used-flag per parameter]; when sharding, the gradients are
+    // padded to world * shard_numel before the flags.
+    at::Tensor buffer;
+    int64_t flag_offset = 0;
+    // ZeRO sharding: process r owns gradient elements [r * shard_numel, (r + 1) * shard_numel).
+    int64_t shard_numel = 0;
+    at::Tensor received;  // the world's contributions to this process's shard (alltoall)
+    at::Tensor shard;     // this process's averaged shard, after finalize()
     size_t pending = 0;
     // Small enough for DirectGloo's exchange: sent on the calling thread when backward ends,
     // when everything is ready anyway, instead of through a worker.
@@ -257,11 +264,16 @@ struct SyncCore : std::enable_shared_from_this<SyncCore> {
   CommHook hook;
   bool distributed = false;
   bool as_view = false;  // gradient_as_bucket_view
+  // ZeRO stage of gradient sharding: 0 all-reduces; 1 and 2 reduce-scatter each bucket, and 2
+  // also drops the full buckets once this process's shard is out.
+  int shard_stage = 0;
   at::Tensor world_divisor;
   std::vector<Param> params;
   std::vector<Bucket> buckets;
   std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks;
   std::atomic<int64_t> launched{0};
+  // Parameters that no process used in the last synchronization (find_unused_parameters).
+  std::vector<bool> unused;
 
   // Hooks run on the thread calling backward for the CPU but on device threads for CUDA.
   mutable std::mutex mutex;
@@ -283,6 +295,11 @@ struct SyncCore : std::enable_shared_from_this<SyncCore> {
   // gradient view of it, so that writing the bucket does not change what they hold.
   void protect_outside_references(Bucket& b);
   void launch(size_t index);
+  void launch_reduce_scatter(Bucket& bucket);
+  void finish_reduce_scatter(Bucket& bucket);
+  // The full bucket, allocated again after stage 2 dropped it.
+  void ensure_buffer(Bucket& bucket);
+  void allocate_buffers();
   void finalize();
   void abandon(uint64_t iteration) noexcept;
   void reset_iteration();
@@ -385,8 +402,12 @@ void SyncCore::protect_outside_references(Bucket& b) {
 }
 
 void SyncCore::fill_slice(Param& p, Bucket& b) {
+  ensure_buffer(b);
   if (!b.protected_this_iteration) {
     b.protected_this_iteration = true;
+    // Stage 1's shard is a view of the bucket, about to be overwritten; holding it is no
+    // reason to move the bucket.
+    if (shard_stage == 1) b.shard = at::Tensor();
     if (!as_view) protect_outside_references(b);
   }
   at::Tensor slice = b.buffer.narrow(0, p.offset, p.numel);
@@ -442,12 +463,17 @@ void SyncCore::launch(size_t index) {
     const bool flag = kwargs.find_unused_parameters ? p.used : !p.ready;
     flags.push_back(flag ? 1.0F : 0.0F);
   }
-  bucket.buffer.narrow(0, bucket.grad_numel, static_cast<int64_t>(flags.size()))
+  ensure_buffer(bucket);
+  bucket.buffer.narrow(0, bucket.flag_offset, static_cast<int64_t>(flags.size()))
       .copy_(at::from_blob(flags.data(), {static_cast<int64_t>(flags.size())}, at::kFloat));
   bucket.launched = true;
   bucket.launch_time = Clock::now();
   bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
   launched.fetch_add(1);
+  if (shard_stage > 0) {
+    launch_reduce_scatter(bucket);
+    return;
+  }
   if (hook) {
     std::vector<at::Tensor> tensors;
     std::vector<std::string> names;
@@ -498,7 +524,8 @@ void SyncCore::reset_iteration() {
     // A collective abandoned after an error may still write into its buffer; the next
     // iteration must not share it.
     if ((b.work && !b.work->isCompleted()) || (b.direct_work && !b.direct_work->completed())) {
-      b.buffer = at::zeros_like(b.buffer);
+      if (b.buffer.defined()) b.buffer = at::zeros_like(b.buffer);
+      b.received = at::Tensor();
     }
     b.work.reset();
     b.direct_work.reset();
@@ -550,6 +577,79 @@ void SyncCore::record_stats(Clock::time_point compute_end, Clock::time_point end
   stats.exposed_seconds += seconds(end - compute_end);
 }
 
+void SyncCore::allocate_buffers() {
+  const int64_t world = state->num_processes();
+  for (auto& b : buckets) {
+    b.shard_numel = shard_stage > 0 ? (b.grad_numel + world - 1) / world : 0;
+    b.flag_offset = shard_stage > 0 ? b.shard_numel * world : b.grad_numel;
+    b.buffer = at::Tensor();
+    b.shard = at::Tensor();
+    ensure_buffer(b);
+  }
+}
+
+void SyncCore::ensure_buffer(Bucket& b) {
+  if (b.buffer.defined()) return;
+  const auto options = at::TensorOptions().dtype(b.dtype).device(comm_device(*state, b.device));
+  const int64_t size = b.flag_offset + static_cast<int64_t>(b.params.size());
+  if (shard_stage == 0) {
+    b.buffer = at::zeros({size}, options);
+    return;
+  }
+  // Every gradient slice and flag is written before a launch; only the padding of the last
+  // shard must not hold stale values (they are summed, then ignored, but must stay finite).
+  b.buffer = at::empty({size}, options);
+  b.buffer.narrow(0, b.grad_numel, b.flag_offset - b.grad_numel).zero_();
+}
+
+void SyncCore::launch_reduce_scatter(Bucket& b) {
+  const int64_t world = state->num_processes();
+  at::Tensor input = b.buffer.narrow(0, 0, b.shard_numel * world);
+  auto& backend = group(*state, kBackwardOp);
+  auto done = b.done_ns;
+  if (state->backend() == "nccl") {
+    // NCCL has the real collective; the result is this process's shard, summed.
+    b.received = at::empty({b.shard_numel}, input.options());
+    b.work = backend._reduce_scatter_base(b.received, input);
+  } else {
+    // Gloo has no reduce_scatter (LibTorch 1.13 throws): an alltoall sends part j of the bucket
+    // to process j, which sums what it receives. Same bytes on the wire as a ring
+    // reduce-scatter; benchmarks/bench_reduce_scatter compares the ways to build it.
+    b.received = at::empty({b.shard_numel * world}, input.options());
+    std::vector<int64_t> output_splits;
+    std::vector<int64_t> input_splits;
+    b.work = backend.alltoall_base(b.received, input, output_splits, input_splits);
+  }
+  if (auto future = b.work->getFuture()) {
+    future->addCallback([done](c10::ivalue::Future&) {
+      done->store(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+              .count());
+    });
+  }
+}
+
+void SyncCore::finish_reduce_scatter(Bucket& b) {
+  detail::wait(*state, kBackwardOp, b.work);
+  const int64_t world = state->num_processes();
+  const int64_t rank = state->process_index();
+  const int64_t begin = std::min(b.grad_numel, rank * b.shard_numel);
+  const int64_t length = std::min(b.grad_numel, begin + b.shard_numel) - begin;
+  // Summed in rank order, the same on every process.
+  at::Tensor summed = b.received.numel() == b.shard_numel
+                          ? b.received
+                          : b.received.view({world, b.shard_numel}).sum(0);
+  if (shard_stage == 1) {
+    // The full bucket stays (ZeRO-1 keeps gradients whole); its own part now holds the average.
+    at::Tensor own = b.buffer.narrow(0, begin, length);
+    own.copy_(summed.narrow(0, 0, length));
+    b.shard = own;
+  } else {
+    b.shard = summed.narrow(0, 0, length);
+  }
+  b.received = at::Tensor();
+}
+
 void SyncCore::finalize() {
   std::lock_guard<std::mutex> lock(mutex);
   if (!pending) return;
@@ -569,7 +669,9 @@ void SyncCore::finalize() {
 
   while (next_launch < buckets.size()) launch(next_launch++);
   for (auto& b : buckets) {
-    if (b.finish) {
+    if (shard_stage > 0) {
+      finish_reduce_scatter(b);
+    } else if (b.finish) {
       b.finish();
       // A hook may have put its result in a tensor of its own rather than into the buffer.
       const at::Tensor grads = b.buffer.narrow(0, 0, b.grad_numel);
@@ -596,10 +698,10 @@ void SyncCore::finalize() {
   // did not (otherwise). Without a hook the flags rode along in the buckets; a hook's
   // compression would garble them, so then they travel in one small all-reduce of their own.
   std::vector<int64_t> flag_sums(params.size(), 0);
-  if (hook) {
+  if (hook || shard_stage > 0) {
     auto flags = at::empty({static_cast<int64_t>(params.size())}, at::kFloat);
     for (const auto& b : buckets) {
-      auto tail = b.buffer.narrow(0, b.grad_numel, static_cast<int64_t>(b.params.size())).cpu();
+      auto tail = b.buffer.narrow(0, b.flag_offset, static_cast<int64_t>(b.params.size())).cpu();
       for (size_t k = 0; k < b.params.size(); ++k) {
         flags[static_cast<int64_t>(b.params[k])] = tail[static_cast<int64_t>(k)];
       }
@@ -613,7 +715,7 @@ void SyncCore::finalize() {
     }
   } else {
     for (const auto& b : buckets) {
-      auto counts = b.buffer.narrow(0, b.grad_numel, static_cast<int64_t>(b.params.size()))
+      auto counts = b.buffer.narrow(0, b.flag_offset, static_cast<int64_t>(b.params.size()))
                         .to(at::kCPU, at::kDouble);
       auto acc = counts.accessor<double, 1>();
       for (size_t k = 0; k < b.params.size(); ++k) {
@@ -640,6 +742,22 @@ void SyncCore::finalize() {
                 "do not train. The gradients of this step were not averaged.");
   }
 
+  unused.assign(params.size(), false);
+  for (size_t i = 0; i < params.size(); ++i) {
+    unused[i] = kwargs.find_unused_parameters && flag_sums[i] == 0;
+  }
+  if (shard_stage == 2) {
+    // Only this process's shard of the average is kept; the full buckets go, and with them the
+    // gradients that were views of them.
+    for (auto& b : buckets) {
+      for (size_t i : b.params) {
+        if (!unused[i]) params[i].tensor.mutable_grad().reset();
+      }
+      b.buffer = at::Tensor();
+    }
+    record_stats(compute_end, Clock::now());
+    return;
+  }
   for (const auto& b : buckets) {
     for (size_t i : b.params) {
       Param& p = params[i];
@@ -796,11 +914,7 @@ GradientSynchronizer::GradientSynchronizer(std::shared_ptr<torch::nn::Module> mo
   for (auto& b : core.buckets) b.pending = b.params.size();
   if (!core.distributed) return;
 
-  for (auto& b : core.buckets) {
-    b.buffer =
-        at::zeros({b.grad_numel + static_cast<int64_t>(b.params.size())},
-                  at::TensorOptions().dtype(b.dtype).device(detail::comm_device(*state, b.device)));
-  }
+  core.allocate_buffers();
   // The synchronizer keeps the accumulators alive: a parameter's accumulator is otherwise freed
   // with the graph, and the next forward would create one without our hook.
   for (size_t i = 0; i < core.params.size(); ++i) {
@@ -893,6 +1007,65 @@ size_t GradientSynchronizer::num_buckets() const {
 
 int64_t GradientSynchronizer::num_allreduces_launched() const {
   return core_->launched.load();
+}
+
+void GradientSynchronizer::shard_gradients(int stage) {
+  TORCH_CHECK(stage >= 0 && stage <= 2,
+              "accelerate: GradientSynchronizer::shard_gradients: stage must be 0, 1 or 2, got ",
+              stage);
+  std::lock_guard<std::mutex> lock(core_->mutex);
+  TORCH_CHECK(!core_->ever_synchronized && !core_->pending,
+              "accelerate: GradientSynchronizer::shard_gradients must be called before the first "
+              "synchronized backward pass");
+  TORCH_CHECK(
+      stage == 0 || !core_->hook,
+      "accelerate: communication hooks (DistributedDataParallelKwargs::comm_hook) cannot be "
+      "combined with ZeRO gradient sharding");
+  core_->shard_stage = stage;
+  if (core_->distributed) core_->allocate_buffers();
+}
+
+int GradientSynchronizer::gradient_sharding_stage() const {
+  return core_->shard_stage;
+}
+
+std::vector<at::Tensor> GradientSynchronizer::parameters() const {
+  std::vector<at::Tensor> out;
+  for (const auto& p : core_->params) out.push_back(p.tensor);
+  return out;
+}
+
+std::vector<GradientBucketLayout> GradientSynchronizer::bucket_layout() const {
+  std::vector<GradientBucketLayout> out;
+  const int64_t world = core_->state->num_processes();
+  for (const auto& b : core_->buckets) {
+    auto& layout = out.emplace_back();
+    layout.dtype = b.dtype;
+    layout.numel = b.grad_numel;
+    layout.shard_numel = (b.grad_numel + world - 1) / world;
+    for (size_t i : b.params) {
+      layout.params.push_back(i);
+      layout.offsets.push_back(core_->params[i].offset);
+    }
+  }
+  return out;
+}
+
+at::Tensor GradientSynchronizer::gradient_shard(size_t bucket) const {
+  std::lock_guard<std::mutex> lock(core_->mutex);
+  TORCH_CHECK(bucket < core_->buckets.size(), "accelerate: gradient_shard: bucket ", bucket,
+              " out of range");
+  return core_->buckets[bucket].shard;
+}
+
+void GradientSynchronizer::release_gradient_shards() {
+  std::lock_guard<std::mutex> lock(core_->mutex);
+  for (auto& b : core_->buckets) b.shard = at::Tensor();
+}
+
+bool GradientSynchronizer::parameter_unused(size_t index) const {
+  std::lock_guard<std::mutex> lock(core_->mutex);
+  return index < core_->unused.size() && core_->unused[index];
 }
 
 }  // namespace accelerate

@@ -36,6 +36,10 @@ std::string to_string(DistributedType type) {
       return "MULTI_CPU";
     case DistributedType::MULTI_GPU:
       return "MULTI_GPU";
+    case DistributedType::FSDP:
+      return "FSDP";
+    case DistributedType::DEEPSPEED:
+      return "DEEPSPEED";
   }
   TORCH_INTERNAL_ASSERT(false, "unknown DistributedType");
 }

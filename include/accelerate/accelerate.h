@@ -21,9 +21,11 @@
 #include <accelerate/memory.h>
 #include <accelerate/operations.h>
 #include <accelerate/optimizer_state.h>
+#include <accelerate/plugins.h>
 #include <accelerate/progress.h>
 #include <accelerate/random.h>
 #include <accelerate/safetensors.h>
 #include <accelerate/state.h>
 #include <accelerate/tracking.h>
 #include <accelerate/tree.h>
+#include <accelerate/zero.h>

@@ -26,10 +26,12 @@
 #include <accelerate/ddp.h>
 #include <accelerate/environment.h>
 #include <accelerate/operations.h>
+#include <accelerate/plugins.h>
 #include <accelerate/random.h>
 #include <accelerate/scheduler.h>
 #include <accelerate/state.h>
 #include <accelerate/tracking.h>
+#include <accelerate/zero.h>
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -139,6 +141,11 @@ struct AcceleratorOptions {
   std::optional<GradScalerKwargs> scaler_kwargs;
   std::optional<AutocastKwargs> autocast_kwargs;
   std::optional<InitProcessGroupKwargs> init_kwargs;
+  /// Sharded data parallelism (plugins.h): FSDP's SHARD_GRAD_OP / NO_SHARD, or DeepSpeed's ZeRO
+  /// stages 0-2. Give one of the two; unset, `accelerate launch --use_fsdp` / `--use_deepspeed`
+  /// (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED) turn them on.
+  std::optional<FullyShardedDataParallelPlugin> fsdp_plugin;
+  std::optional<DeepSpeedPlugin> deepspeed_plugin;
   /// The states to use (tests run ranks as threads); default: the process-wide ones.
   std::shared_ptr<PartialState> state;
   std::shared_ptr<data::GradientState> gradient_state;
@@ -163,6 +170,8 @@ struct AcceleratorConfig {
   GradScalerKwargs scaler_kwargs;
   AutocastKwargs autocast_kwargs;
   InitProcessGroupKwargs init_kwargs;
+  /// The sharding engine's settings (engine "none" without a plugin).
+  ShardingConfig sharding;
   /// Times `accelerate launch --max_restarts` restarted the job (`ACCELERATE_RESTART_COUNT`).
   /// With automatic_checkpoint_naming, a restarted run resumes from the latest checkpoint by
   /// itself (see Accelerator).
@@ -204,6 +213,9 @@ struct OptimizerSlot {
   std::shared_ptr<torch::optim::Optimizer> owner;  // set when prepared from a shared_ptr
   bool step_was_skipped = false;
   bool unscaled = false;  // this step's gradients are already unscaled
+  // ZeRO: built once the models are prepared (prepare() prepares optimizers first).
+  std::shared_ptr<ZeroOptimizer> zero;
+  std::string pending_sharded_load;  // a sharded checkpoint to load once `zero` exists
 };
 
 /// A prepared data loader's position, with its batch type erased.
@@ -240,6 +252,9 @@ struct AcceleratorCore {
 
   GradientSynchronizer* synchronizer(const torch::nn::Module* module) const;
   void unscale(OptimizerSlot& slot);
+  /// Builds the ZeRO engine of `slot` when sharding is on and the models are prepared; returns
+  /// it (null without sharding).
+  ZeroOptimizer* zero(OptimizerSlot& slot);
 };
 
 }  // namespace detail
@@ -370,10 +385,14 @@ class Accelerator {
     // Optimizers first, as Accelerate does, so schedulers find theirs whatever the order.
     (prepare_optimizer_first(objects), ...);
     if constexpr (sizeof...(Ts) == 1) {
-      return prepare_one(std::forward<Ts>(objects)...);
+      auto result = prepare_one(std::forward<Ts>(objects)...);
+      finish_prepare();
+      return result;
     } else {
-      return std::tuple<decltype(prepare_one(std::forward<Ts>(objects)))...>{
+      std::tuple<decltype(prepare_one(std::forward<Ts>(objects)))...> result{
           prepare_one(std::forward<Ts>(objects))...};
+      finish_prepare();
+      return result;
     }
   }
 
@@ -629,7 +648,8 @@ class Accelerator {
   // ------------------------------------------------------------------ processes
 
   const c10::Device& device() const { return core_->state->device(); }
-  DistributedType distributed_type() const { return core_->state->distributed_type(); }
+  /// The state's type, or FSDP / DEEPSPEED with a sharding plugin and several processes.
+  DistributedType distributed_type() const;
   int num_processes() const { return core_->state->num_processes(); }
   int process_index() const { return core_->state->process_index(); }
   int local_process_index() const { return core_->state->local_process_index(); }
@@ -738,6 +758,8 @@ class Accelerator {
   bool is_saving_process() const;
   static void write_atomically(const std::string& path,
                                const std::function<void(const std::string&)>& write);
+  // Under ZeRO, builds the engines of optimizers whose models are now prepared.
+  void finish_prepare();
   void prepare_module(const std::shared_ptr<torch::nn::Module>& module,
                       const PrepareModelOptions& options);
   void remember_optimizer(torch::optim::Optimizer* optimizer,

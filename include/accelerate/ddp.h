@@ -106,6 +106,17 @@ struct SyncStats {
   double exposed_seconds = 0;
 };
 
+/// Where one bucket's gradients sit, for the ZeRO engine (zero.h). With gradient sharding,
+/// process r owns elements [r * shard_numel, min(numel, (r + 1) * shard_numel)) of the bucket.
+struct GradientBucketLayout {
+  c10::ScalarType dtype = at::kFloat;
+  int64_t numel = 0;
+  int64_t shard_numel = 0;
+  /// Indices into GradientSynchronizer::parameters(), and each one's first element in the bucket.
+  std::vector<size_t> params;
+  std::vector<int64_t> offsets;
+};
+
 namespace detail {
 struct SyncCore;
 }  // namespace detail
@@ -211,6 +222,27 @@ class GradientSynchronizer {
   /// Timings of the synchronized backward passes so far.
   SyncStats stats() const;
   void reset_stats();
+
+  // ------------------------------------------------------------------ ZeRO (zero.h)
+  /// Gradient sharding for ZeRO stage 1 or 2 (0 turns it off), before the first synchronized
+  /// backward pass. Each bucket is then reduce-scattered instead of all-reduced (NCCL's
+  /// reduce_scatter; an alltoall and a local sum on Gloo), so each process receives the average
+  /// of its shard of the bucket only (gradient_shard()). Stage 1 keeps the full buckets, whose
+  /// other parts then hold this process's own (divided) gradients; stage 2 drops them, and
+  /// `.grad` of every parameter is undefined after a synchronized backward. no_sync steps
+  /// accumulate full gradients in `.grad` as usual. Not combinable with communication hooks.
+  void shard_gradients(int stage);
+  int gradient_sharding_stage() const;
+  /// The synchronized parameters (each tied tensor once), in the order bucket_layout() indexes.
+  std::vector<at::Tensor> parameters() const;
+  std::vector<GradientBucketLayout> bucket_layout() const;
+  /// This process's averaged shard of `bucket` after the last synchronized backward (undefined
+  /// before the first one, or after release_gradient_shards()).
+  at::Tensor gradient_shard(size_t bucket) const;
+  void release_gradient_shards();
+  /// Whether no process used parameter `index` in the last synchronization
+  /// (find_unused_parameters only; always false otherwise).
+  bool parameter_unused(size_t index) const;
 
   // ------------------------------------------------------------------ introspection
   /// The names (from named_parameters()) of the parameters in each bucket, in launch order.

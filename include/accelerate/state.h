@@ -43,9 +43,13 @@ class DirectGloo;
 }  // namespace detail
 
 /// Accelerate's `DistributedType`, restricted to what a C++ program can be.
-enum class DistributedType { NO, MULTI_CPU, MULTI_GPU };
+/// How the processes share the work. A PartialState is NO, MULTI_CPU or MULTI_GPU; an
+/// Accelerator with a sharding plugin (plugins.h) over several processes reports FSDP or
+/// DEEPSPEED, as Accelerate does.
+enum class DistributedType { NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED };
 
-/// "NO", "MULTI_CPU", "MULTI_GPU": the names Accelerate prints and writes to config files.
+/// "NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED": the names Accelerate prints and writes to
+/// config files.
 std::string to_string(DistributedType type);
 
 /// Options for creating the process group (Accelerate's `InitProcessGroupKwargs`).

@@ -17,6 +17,7 @@
 //   auto r = child.wait(std::chrono::seconds(10));
 #pragma once
 
+#include <accelerate/env_names.h>
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -90,6 +91,35 @@ inline const std::vector<std::string> kLaunchVariables = {"RANK",
                                                           "MALLOC_TRIM_THRESHOLD_",
                                                           "CUDA_VISIBLE_DEVICES",
                                                           "XDG_CACHE_HOME"};
+
+/// The variables through which `accelerate launch` passes the sharding plugins' settings
+/// (<accelerate/env_names.h>), every one of them: what a test unsets so that a runner's own values
+/// cannot reach the workers, and the names it looks for in what a worker saw.
+inline const std::vector<std::string> kShardingVariables = {
+    accelerate::env::kUseFsdp,
+    accelerate::env::kFsdpShardingStrategy,
+    accelerate::env::kFsdpOffloadParams,
+    accelerate::env::kFsdpStateDictType,
+    accelerate::env::kFsdpSyncModuleStates,
+    accelerate::env::kFsdpMinNumParams,
+    accelerate::env::kFsdpAutoWrapPolicy,
+    accelerate::env::kFsdpTransformerClsToWrap,
+    accelerate::env::kFsdpBackwardPrefetch,
+    accelerate::env::kFsdpForwardPrefetch,
+    accelerate::env::kFsdpUseOrigParams,
+    accelerate::env::kFsdpCpuRamEfficientLoading,
+    accelerate::env::kFsdpActivationCheckpointing,
+    accelerate::env::kUseDeepSpeed,
+    accelerate::env::kDeepSpeedZeroStage,
+    accelerate::env::kGradientAccumulationSteps,
+    accelerate::env::kGradientClipping,
+    accelerate::env::kDeepSpeedOffloadOptimizerDevice,
+    accelerate::env::kDeepSpeedOffloadParamDevice,
+    accelerate::env::kDeepSpeedOffloadOptimizerNvmePath,
+    accelerate::env::kDeepSpeedOffloadParamNvmePath,
+    accelerate::env::kDeepSpeedZero3Init,
+    accelerate::env::kDeepSpeedZero3Save16BitModel,
+    accelerate::env::kDeepSpeedConfigFile};
 
 /// Path of the `accelerate` executable under test (set by CMake).
 inline std::string cli_path() {

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -122,8 +123,9 @@ constexpr const char* kPythonMultiCpuYaml =
 TEST(ConfigCli, PipedMultiCpuSessionWritesPythonKeys) {
   TempDir dir;
   const auto file = dir.path() / "cfg.yaml";
-  // environment, machine type, machines, debug, processes, mixed precision, accumulation
-  const auto r = config_with_answers("0\n1\n1\nyes\n4\nbf16\n1\n", {"--config_file", file});
+  // environment, machine type, machines, debug, DeepSpeed, FSDP, processes, mixed precision,
+  // accumulation
+  const auto r = config_with_answers("0\n1\n1\nyes\nno\nno\n4\nbf16\n1\n", {"--config_file", file});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("accelerate configuration saved at " + file.string()), std::string::npos)
       << r.output;
@@ -138,7 +140,7 @@ TEST(ConfigCli, PipedMultiCpuSessionWritesPythonKeys) {
 TEST(ConfigCli, APipedSessionConfiguresLaunch) {
   TempDir dir;
   const auto file = dir.path() / "cfg.yaml";
-  auto r = config_with_answers("0\n1\n1\nno\n3\nbf16\n1\n", {"--config_file", file});
+  auto r = config_with_answers("0\n1\n1\nno\nno\nno\n3\nbf16\n1\n", {"--config_file", file});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   r = run_command({cli_path(), "launch", "--config_file", file.string(),
                    worker_path("launch_probe"), "--print-env"},
@@ -151,8 +153,8 @@ TEST(ConfigCli, APipedSessionConfiguresLaunch) {
 TEST(ConfigCli, AnswersByNameAreAccepted) {
   TempDir dir;
   const auto file = dir.path() / "cfg.yaml";
-  const auto r =
-      config_with_answers("This machine\nMULTI_CPU\n1\nno\n4\nno\n1\n", {"--config_file", file});
+  const auto r = config_with_answers("This machine\nMULTI_CPU\n1\nno\nno\nno\n4\nno\n1\n",
+                                     {"--config_file", file});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(top_level_keys(read_text_file(file)), python_multi_cpu_file());
 }
@@ -187,9 +189,9 @@ TEST(ConfigCli, MultiMachineGpuSessionWritesNetworkKeysAndAccumulation) {
   TempDir dir;
   const auto file = dir.path() / "cfg.yaml";
   // environment, multi-GPU, 2 machines, rank 1, IP, port (default), same network no, c10d,
-  // debug, 2 GPUs, ids, fp16, 4 accumulation steps.
-  const auto r = config_with_answers("0\n2\n2\n1\n10.1.2.3\n\nno\nc10d\nno\n2\n0,1\nfp16\n4\n",
-                                     {"--config_file", file});
+  // debug, DeepSpeed, FSDP, 2 GPUs, ids, fp16, 4 accumulation steps.
+  const auto r = config_with_answers(
+      "0\n2\n2\n1\n10.1.2.3\n\nno\nc10d\nno\nno\nno\n2\n0,1\nfp16\n4\n", {"--config_file", file});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const KeyValues expected = {{"compute_environment", "LOCAL_MACHINE"},
                               {"debug", "false"},
@@ -217,7 +219,7 @@ TEST(ConfigCli, MultiMachineGpuSessionWritesNetworkKeysAndAccumulation) {
 TEST(ConfigCli, JsonPathIsWrittenAsJson) {
   TempDir dir;
   const auto file = dir.path() / "cfg.json";
-  const auto r = config_with_answers("0\n1\n1\nno\n4\nno\n1\n", {"--config_file", file});
+  const auto r = config_with_answers("0\n1\n1\nno\nno\nno\n4\nno\n1\n", {"--config_file", file});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string text = read_text_file(file);
   EXPECT_EQ(text.rfind("{\n  \"compute_environment\": \"LOCAL_MACHINE\",\n", 0), 0u) << text;
@@ -241,10 +243,10 @@ TEST(ConfigCli, InvalidPipedAnswerExitsTwoWithOneLineReason) {
       {"1\n", "Amazon SageMaker is not supported"},
       {"0\n7\n", "invalid answer '7' for distributed_type"},
       {"0\n1\n1\nmaybe\n", "invalid answer 'maybe' for debug: please enter yes or no"},
-      {"0\n1\n1\nno\n0\n", "invalid answer '0' for num_processes"},
-      {"0\n2\n1\nno\n1\n", "one GPU on one machine is not distributed"},
+      {"0\n1\n1\nno\nno\nno\n0\n", "invalid answer '0' for num_processes"},
+      {"0\n2\n1\nno\nno\nno\n1\n", "one GPU on one machine is not distributed"},
       {"0\n0\nno\n0,,1\n", "invalid answer '0,,1' for gpu_ids"},
-      {"0\n1\n1\nno\n4\nfp8\n", "fp8 is not supported"},
+      {"0\n1\n1\nno\nno\nno\n4\nfp8\n", "fp8 is not supported"},
       {"0\n1\n3\n3\n", "invalid answer '3' for machine_rank"},
       {"0\n1\n2\n0\n\n", "invalid answer '' for main_process_ip: an answer is required"},
       {"0\n1\n2\n0\nhost\n99999\n", "invalid answer '99999' for main_process_port"},
@@ -440,8 +442,6 @@ TEST(ConfigCli, ShowRejectsBadValuesNamingKeyAndValue) {
       {"main_process_port: 0", "main_process_port", "0", "at least 1"},
       {"mixed_precision: fp8", "mixed_precision", "fp8", "fp8 is not supported"},
       {"mixed_precision: fp32", "mixed_precision", "fp32", "no, fp16, bf16"},
-      {"distributed_type: DEEPSPEED", "distributed_type", "DEEPSPEED", "not supported"},
-      {"distributed_type: FSDP", "distributed_type", "FSDP", "not supported"},
       {"distributed_type: XLA", "distributed_type", "XLA", "not supported"},
       {"distributed_type: MEGATRON_LM", "distributed_type", "MEGATRON_LM", "not supported"},
       {"distributed_type: SOMETHING", "distributed_type", "SOMETHING", "NO, MULTI_CPU"},
@@ -450,7 +450,19 @@ TEST(ConfigCli, ShowRejectsBadValuesNamingKeyAndValue) {
       {"use_cpu: sometimes", "use_cpu", "sometimes", "true or false"},
       {"gpu_ids: first", "gpu_ids", "first", "comma-separated"},
       {"rdzv_backend: etcd", "rdzv_backend", "etcd", "static, c10d"},
-      {"gradient_accumulation_steps: 0", "gradient_accumulation_steps", "0", "at least 1"}};
+      {"gradient_accumulation_steps: 0", "gradient_accumulation_steps", "0", "at least 1"},
+      {"fsdp_config: {fsdp_sharding_strategy: ZERO3}", "fsdp_config.fsdp_sharding_strategy",
+       "ZERO3",
+       "FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD, HYBRID_SHARD_ZERO2 or a number"},
+      {"fsdp_config: {fsdp_state_dict_type: 0}", "fsdp_config.fsdp_state_dict_type", "0",
+       "or a number from 1 to 3"},
+      {"fsdp_config: {fsdp_use_orig_params: sometimes}", "fsdp_config.fsdp_use_orig_params",
+       "sometimes", "true or false"},
+      {"deepspeed_config: {zero_stage: 4}", "deepspeed_config.zero_stage", "4", "0, 1, 2, 3"},
+      {"deepspeed_config: {gradient_clipping: lots}", "deepspeed_config.gradient_clipping", "lots",
+       "a number of at least 0"},
+      {"deepspeed_config: {deepspeed_multinode_launcher: ssh}",
+       "deepspeed_config.deepspeed_multinode_launcher", "ssh", "pdsh, standard, openmpi"}};
   for (const auto& c : cases) {
     TempDir dir;
     const auto file = dir.path() / "bad.yaml";
@@ -500,12 +512,390 @@ TEST(ConfigCli, ShowNamesAMissingFile) {
 TEST(ConfigCli, WrittenFileReadsBackUnchanged) {
   TempDir dir;
   const auto file = dir.path() / "cfg.yaml";
-  const auto r = config_with_answers("0\n2\n2\n1\n10.1.2.3\n\nno\nc10d\nyes\n2\n0,1\nfp16\n4\n",
-                                     {"--config_file", file});
+  const auto r = config_with_answers(
+      "0\n2\n2\n1\n10.1.2.3\n\nno\nc10d\nyes\nno\nno\n2\n0,1\nfp16\n4\n", {"--config_file", file});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const auto shown = accelerate_config({"show", "--config_file", file.string()});
   ASSERT_EQ(shown.exit_code, 0) << shown.output;
   EXPECT_EQ(shown.output, "# " + file.string() + "\n" + read_text_file(file));
+}
+
+// ---------------------------------------------------------------- sharding plugins
+
+// Python's FSDP questions after "multi-GPU, one machine, no debug, no DeepSpeed": strategy
+// SHARD_GRAD_OP, no offload, transformer-based wrapping of two classes, then the defaults, with
+// activation checkpointing; then 2 GPUs (no GPU ids question once a plugin is chosen), bf16 and
+// our accumulation steps.
+constexpr const char* kFsdpAnswers =
+    "0\n2\n1\nno\nno\nyes\n1\nno\n0\nBlock,Embedding\n\n\n\n\n\nyes\n\nbf16\n2\n";
+constexpr const char* kFsdpYaml =
+    "compute_environment: LOCAL_MACHINE\n"
+    "debug: false\n"
+    "distributed_type: FSDP\n"
+    "downcast_bf16: false\n"
+    "enable_cpu_affinity: false\n"
+    "fsdp_config:\n"
+    "  fsdp_activation_checkpointing: true\n"
+    "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+    "  fsdp_backward_prefetch: BACKWARD_PRE\n"
+    "  fsdp_cpu_ram_efficient_loading: true\n"
+    "  fsdp_forward_prefetch: false\n"
+    "  fsdp_offload_params: false\n"
+    "  fsdp_sharding_strategy: SHARD_GRAD_OP\n"
+    "  fsdp_state_dict_type: SHARDED_STATE_DICT\n"
+    "  fsdp_sync_module_states: true\n"
+    "  fsdp_transformer_layer_cls_to_wrap: Block,Embedding\n"
+    "  fsdp_use_orig_params: true\n"
+    "gradient_accumulation_steps: 2\n"
+    "machine_rank: 0\n"
+    "main_training_function: main\n"
+    "mixed_precision: bf16\n"
+    "num_machines: 1\n"
+    "num_processes: 2\n"
+    "rdzv_backend: static\n"
+    "same_network: true\n"
+    "tpu_env: []\n"
+    "tpu_use_cluster: false\n"
+    "tpu_use_sudo: false\n"
+    "use_cpu: false\n";
+
+// Multi-CPU, DeepSpeed without a JSON file: stage 3, optimizer states to nvme (path: the
+// default), parameters to the CPU, 2 accumulation steps (asked by DeepSpeed, so not again at
+// the end), clipping at 0.5, 16-bit weights saved, no zero.Init; 2 processes, no mixed precision.
+constexpr const char* kDeepSpeedAnswers =
+    "0\n1\n1\nno\nyes\nno\n3\nnvme\ncpu\n\n2\nyes\n0.5\nyes\nno\n2\nno\n";
+constexpr const char* kDeepSpeedYaml =
+    "compute_environment: LOCAL_MACHINE\n"
+    "debug: false\n"
+    "deepspeed_config:\n"
+    "  gradient_accumulation_steps: 2\n"
+    "  gradient_clipping: 0.5\n"
+    "  offload_optimizer_device: nvme\n"
+    "  offload_optimizer_nvme_path: /nvme\n"
+    "  offload_param_device: cpu\n"
+    "  zero3_init_flag: false\n"
+    "  zero3_save_16bit_model: true\n"
+    "  zero_stage: 3\n"
+    "distributed_type: DEEPSPEED\n"
+    "downcast_bf16: false\n"
+    "enable_cpu_affinity: false\n"
+    "machine_rank: 0\n"
+    "main_training_function: main\n"
+    "mixed_precision: 'no'\n"
+    "num_machines: 1\n"
+    "num_processes: 2\n"
+    "rdzv_backend: static\n"
+    "same_network: true\n"
+    "tpu_env: []\n"
+    "tpu_use_cluster: false\n"
+    "tpu_use_sudo: false\n"
+    "use_cpu: true\n";
+
+TEST(ConfigCli, FsdpSessionWritesPythonsFsdpConfig) {
+  TempDir dir;
+  const auto file = dir.path() / "fsdp.yaml";
+  const auto r = config_with_answers(kFsdpAnswers, {"--config_file", file});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_text_file(file), kFsdpYaml);
+  // The questions, in Python's order.
+  std::size_t at = 0;
+  for (const char* question :
+       {"Do you want to use DeepSpeed? [yes/NO]: ",
+        "Do you want to use FullyShardedDataParallel? [yes/NO]: ",
+        "What should be your sharding strategy?\n  0) FULL_SHARD\n  1) SHARD_GRAD_OP\n"
+        "  2) NO_SHARD\n  3) HYBRID_SHARD\n  4) HYBRID_SHARD_ZERO2\n",
+        "Do you want to offload parameters and gradients to CPU? [yes/NO]: ",
+        "What should be your auto wrap policy?\n  0) TRANSFORMER_BASED_WRAP\n",
+        "Specify the comma-separated list of transformer layer class names",
+        "What should be your FSDP's backward prefetch policy?\n  0) BACKWARD_PRE\n",
+        "What should be your FSDP's state dict type?\n  0) FULL_STATE_DICT\n",
+        "Enter a number or a name [2]: ",
+        "Do you want to enable FSDP's forward prefetch policy? [yes/NO]: ",
+        "Do you want to enable FSDP's `use_orig_params` feature? [YES/no]: ",
+        "Do you want to enable CPU RAM efficient model loading?",
+        "Do you want to enable FSDP activation checkpointing? [yes/NO]: ",
+        "How many GPU(s) should be used for distributed training? [2]: ",
+        "Do you wish to use mixed precision?"}) {
+    const auto found = r.output.find(question, at);
+    ASSERT_NE(found, std::string::npos) << question << "\n" << r.output;
+    at = found;
+  }
+  // Loading with CPU RAM efficiency forces the broadcast: that question is not asked.
+  EXPECT_EQ(r.output.find("broadcast module parameters"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("What GPU(s) (by id)"), std::string::npos) << r.output;
+}
+
+TEST(ConfigCli, FsdpSessionWithSizeBasedWrappingAsksMinimumAndBroadcast) {
+  TempDir dir;
+  const auto file = dir.path() / "fsdp.yaml";
+  // Multi-CPU; NO_SHARD by name, offload, SIZE_BASED_WRAP with the default minimum, NO_PREFETCH,
+  // FULL_STATE_DICT, forward prefetch, no original parameters, no RAM-efficient loading, no
+  // broadcast, no checkpointing; 3 processes, fp16, 1 accumulation step.
+  const auto r = config_with_answers(
+      "0\n1\n1\nno\nno\nyes\nNO_SHARD\nyes\n1\n\n2\n0\nyes\nno\nno\nno\n\n3\nfp16\n1\n",
+      {"--config_file", file});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string text = read_text_file(file);
+  EXPECT_NE(text.find("fsdp_config:\n"
+                      "  fsdp_activation_checkpointing: false\n"
+                      "  fsdp_auto_wrap_policy: SIZE_BASED_WRAP\n"
+                      "  fsdp_backward_prefetch: NO_PREFETCH\n"
+                      "  fsdp_cpu_ram_efficient_loading: false\n"
+                      "  fsdp_forward_prefetch: true\n"
+                      "  fsdp_min_num_params: 100000000\n"
+                      "  fsdp_offload_params: true\n"
+                      "  fsdp_sharding_strategy: NO_SHARD\n"
+                      "  fsdp_state_dict_type: FULL_STATE_DICT\n"
+                      "  fsdp_sync_module_states: false\n"
+                      "  fsdp_use_orig_params: false\n"
+                      "machine_rank: 0\n"),
+            std::string::npos)
+      << text;
+  const auto keys = top_level_keys(text);
+  EXPECT_EQ(keys.at("distributed_type"), "FSDP");
+  EXPECT_EQ(keys.at("use_cpu"), "true");
+  EXPECT_EQ(keys.at("num_processes"), "3");
+  EXPECT_EQ(keys.count("gradient_accumulation_steps"), 0u) << text;
+  EXPECT_NE(r.output.find("broadcast module parameters from rank 0 at the start? [YES/no]: "),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("Default Auto Wrapping Policy? [100000000]: "), std::string::npos)
+      << r.output;
+}
+
+TEST(ConfigCli, DeepSpeedSessionWritesPythonsDeepSpeedConfig) {
+  TempDir dir;
+  const auto file = dir.path() / "ds.yaml";
+  const auto r = config_with_answers(kDeepSpeedAnswers, {"--config_file", file});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_text_file(file), kDeepSpeedYaml);
+  std::size_t at = 0;
+  for (const char* question :
+       {"Do you want to use DeepSpeed? [yes/NO]: ",
+        "Do you want to specify a json file to a DeepSpeed config? [yes/NO]: ",
+        "What should be your DeepSpeed's ZeRO optimization stage?\n  0) 0\n  1) 1\n  2) 2\n"
+        "  3) 3\nEnter a number or a name [2]: ",
+        "Where to offload optimizer states?\n  0) none\n  1) cpu\n  2) nvme\n",
+        "Where to offload parameters?", "Nvme Path to offload optimizer states? [/nvme]: ",
+        "How many gradient accumulation steps you're passing in your script? [1]: ",
+        "Do you want to use gradient clipping? [yes/NO]: ",
+        "What is the gradient clipping value? [1.0]: ",
+        "Do you want to save 16-bit model weights when using ZeRO Stage-3? [yes/NO]: ",
+        "Do you want to enable `deepspeed.zero.Init` when using ZeRO Stage-3",
+        "How many processes should be used for distributed training? [1]: ",
+        "Do you wish to use mixed precision?"}) {
+    const auto found = r.output.find(question, at);
+    ASSERT_NE(found, std::string::npos) << question << "\n" << r.output;
+    at = found;
+  }
+  // FSDP is not offered once DeepSpeed is chosen; accumulation is not asked twice.
+  EXPECT_EQ(r.output.find("FullyShardedDataParallel"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("should `accelerate launch` pass"), std::string::npos) << r.output;
+}
+
+TEST(ConfigCli, DeepSpeedWithAJsonFileAsksNeitherStageNorMixedPrecision) {
+  TempDir dir;
+  const auto file = dir.path() / "ds.yaml";
+  // Multi-GPU on 2 machines (rank 0, IP, default port, same network), DeepSpeed with a JSON
+  // file, no zero.Init, the default multi-node launcher (standard), 4 GPUs.
+  const auto r = config_with_answers(
+      "0\n2\n2\n0\n10.0.0.1\n\n\nno\nyes\nyes\n/cfg/ds.json\n\n\n4\n", {"--config_file", file});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_text_file(file),
+            "compute_environment: LOCAL_MACHINE\n"
+            "debug: false\n"
+            "deepspeed_config:\n"
+            "  deepspeed_config_file: /cfg/ds.json\n"
+            "  deepspeed_multinode_launcher: standard\n"
+            "  zero3_init_flag: false\n"
+            "distributed_type: DEEPSPEED\n"
+            "downcast_bf16: false\n"
+            "enable_cpu_affinity: false\n"
+            "machine_rank: 0\n"
+            "main_process_ip: '10.0.0.1'\n"
+            "main_process_port: 29500\n"
+            "main_training_function: main\n"
+            "num_machines: 2\n"
+            "num_processes: 4\n"
+            "rdzv_backend: static\n"
+            "same_network: true\n"
+            "tpu_env: []\n"
+            "tpu_use_cluster: false\n"
+            "tpu_use_sudo: false\n"
+            "use_cpu: false\n");
+  EXPECT_NE(r.output.find("Which Type of launcher do you want to use?\n  0) pdsh\n  1) standard\n"
+                          "  2) openmpi\n  3) mvapich\n  4) mpich\nEnter a number or a name [1]: "),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("ZeRO optimization stage"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("mixed precision"), std::string::npos) << r.output;
+}
+
+TEST(ConfigCli, NoDistributedTrainingAsksNoShardingQuestion) {
+  TempDir dir;
+  const auto file = dir.path() / "cfg.yaml";
+  const auto r = config_with_answers("\n\n\n\n\n\n", {"--config_file", file});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output.find("DeepSpeed"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("FullyShardedDataParallel"), std::string::npos) << r.output;
+  EXPECT_EQ(read_text_file(file).find("_config:"), std::string::npos);
+}
+
+TEST(ConfigCli, InvalidShardingAnswersExitTwoWithOneLineReason) {
+  const std::string fsdp = "0\n1\n1\nno\nno\nyes\n";
+  const std::string deepspeed = "0\n1\n1\nno\nyes\nno\n";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {fsdp + "5\n", "invalid answer '5' for fsdp_sharding_strategy"},
+      {fsdp + "0\nmaybe\n",
+       "invalid answer 'maybe' for fsdp_offload_params: please enter yes or no"},
+      {fsdp + "0\nno\n0\n\n",
+       "invalid answer '' for fsdp_transformer_layer_cls_to_wrap: an answer is required"},
+      {fsdp + "0\nno\nSIZE_BASED_WRAP\n-5\n", "invalid answer '-5' for fsdp_min_num_params"},
+      {fsdp + "0\nno\n2\nBACKWARD_LATE\n",
+       "invalid answer 'BACKWARD_LATE' for fsdp_backward_prefetch"},
+      {deepspeed + "4\n", "invalid answer '4' for zero_stage"},
+      {deepspeed + "2\ndisk\n", "invalid answer 'disk' for offload_optimizer_device"},
+      {deepspeed + "1\n1\nyes\n-1\n",
+       "invalid answer '-1' for gradient_clipping: please enter a number of at least 0"},
+      {deepspeed + "1\n0\n", "invalid answer '0' for gradient_accumulation_steps"},
+      // Only DeepSpeed's standard launcher is how accelerate launch starts processes.
+      {"0\n1\n2\n0\nhost\n\n\nno\nyes\nno\n1\n1\nno\nno\npdsh\n",
+       "invalid answer 'pdsh' for deepspeed_multinode_launcher: accelerate launch starts the "
+       "processes of every machine itself: choose standard"}};
+  for (const auto& [answers, reason] : cases) {
+    TempDir dir;
+    const auto file = dir.path() / "cfg.yaml";
+    const auto r = config_with_answers(answers, {"--config_file", file});
+    EXPECT_EQ(r.exit_code, 2) << answers << r.output;
+    EXPECT_EQ(count_lines_containing(r.output, "error:"), 1) << r.output;
+    EXPECT_EQ(count_lines_containing(r.output, reason), 1) << reason << "\n" << r.output;
+    EXPECT_FALSE(fs::exists(file)) << answers;
+  }
+}
+
+// Write with the questions, read back with `config show` and with `launch`: the same file, and
+// the variables the answers stand for.
+TEST(ConfigCli, ShardingFilesRoundTripThroughShowAndLaunch) {
+  auto launch_unset = accelerate::testing::kLaunchVariables;
+  launch_unset.insert(launch_unset.end(), accelerate::testing::kShardingVariables.begin(),
+                      accelerate::testing::kShardingVariables.end());
+  for (const auto& [answers, yaml, variables] :
+       std::vector<std::tuple<std::string, std::string, std::vector<std::string>>>{
+           {kFsdpAnswers,
+            kFsdpYaml,
+            {"ACCELERATE_USE_FSDP=true", "FSDP_SHARDING_STRATEGY=SHARD_GRAD_OP",
+             "FSDP_OFFLOAD_PARAMS=false", "FSDP_MIN_NUM_PARAMS=100000000",
+             "FSDP_AUTO_WRAP_POLICY=TRANSFORMER_BASED_WRAP",
+             "FSDP_TRANSFORMER_CLS_TO_WRAP=Block,Embedding", "FSDP_BACKWARD_PREFETCH=BACKWARD_PRE",
+             "FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT", "FSDP_FORWARD_PREFETCH=false",
+             "FSDP_USE_ORIG_PARAMS=true", "FSDP_CPU_RAM_EFFICIENT_LOADING=true",
+             "FSDP_SYNC_MODULE_STATES=true", "FSDP_ACTIVATION_CHECKPOINTING=true",
+             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2", "ACCELERATE_MIXED_PRECISION=bf16"}},
+           {kDeepSpeedAnswers,
+            kDeepSpeedYaml,
+            {"ACCELERATE_USE_DEEPSPEED=true", "ACCELERATE_DEEPSPEED_ZERO_STAGE=3",
+             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2", "ACCELERATE_GRADIENT_CLIPPING=0.5",
+             "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE=nvme",
+             "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_NVME_PATH=/nvme",
+             "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE=cpu",
+             "ACCELERATE_DEEPSPEED_ZERO3_INIT=false",
+             "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL=true", "ACCELERATE_USE_CPU=true",
+             "ACCELERATE_MIXED_PRECISION=no"}}}) {
+    TempDir dir;
+    for (const std::string name : {"cfg.yaml", "cfg.json"}) {
+      const auto file = dir.path() / name;
+      auto r = config_with_answers(answers, {"--config_file", file});
+      ASSERT_EQ(r.exit_code, 0) << r.output;
+      const auto shown = accelerate_config({"show", "--config_file", file.string()});
+      ASSERT_EQ(shown.exit_code, 0) << shown.output;
+      EXPECT_EQ(shown.output, "# " + file.string() + "\n" + yaml) << name;
+      r = run_command(
+          {cli_path(), "launch", "--config_file", file.string(), "-n", "1", "/usr/bin/env"},
+          kTimeout, {}, launch_unset);
+      ASSERT_EQ(r.exit_code, 0) << r.output;
+      for (const auto& variable : variables) {
+        EXPECT_EQ(count_lines_containing(r.output, variable), 1) << variable << "\n" << r.output;
+      }
+    }
+  }
+}
+
+TEST(ConfigCli, DeepSpeedJsonFileIsNestedAsPythonWritesIt) {
+  TempDir dir;
+  const auto file = dir.path() / "ds.json";
+  const auto r = config_with_answers(kDeepSpeedAnswers, {"--config_file", file});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string text = read_text_file(file);
+  EXPECT_NE(text.find("\n  \"deepspeed_config\": {\n"
+                      "    \"gradient_accumulation_steps\": 2,\n"
+                      "    \"gradient_clipping\": 0.5,\n"
+                      "    \"offload_optimizer_device\": \"nvme\",\n"
+                      "    \"offload_optimizer_nvme_path\": \"/nvme\",\n"
+                      "    \"offload_param_device\": \"cpu\",\n"
+                      "    \"zero3_init_flag\": false,\n"
+                      "    \"zero3_save_16bit_model\": true,\n"
+                      "    \"zero_stage\": 3\n"
+                      "  },\n"
+                      "  \"distributed_type\": \"DEEPSPEED\",\n"),
+            std::string::npos)
+      << text;
+}
+
+// Files written by Python Accelerate 0.27 (safe_dump: sorted, 'no' quoted) load without a
+// warning and come back in the same form, nested keys included; only downcast_bf16, the string
+// 'no' in Python's files, is written as the boolean Python also reads.
+TEST(ConfigCli, ShowKeepsPythonsShardingFilesAsPythonWroteThem) {
+  const std::string common_tail =
+      "machine_rank: 0\n"
+      "main_training_function: main\n"
+      "mixed_precision: bf16\n"
+      "num_machines: 1\n"
+      "num_processes: 8\n"
+      "rdzv_backend: static\n"
+      "same_network: true\n"
+      "tpu_env: []\n"
+      "tpu_use_cluster: false\n"
+      "tpu_use_sudo: false\n"
+      "use_cpu: false\n";
+  const std::string fsdp_body =
+      "distributed_type: FSDP\n"
+      "downcast_bf16: DOWNCAST\n"
+      "fsdp_config:\n"
+      "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+      "  fsdp_backward_prefetch: BACKWARD_PRE\n"
+      "  fsdp_cpu_ram_efficient_loading: true\n"
+      "  fsdp_forward_prefetch: false\n"
+      "  fsdp_offload_params: false\n"
+      "  fsdp_sharding_strategy: FULL_SHARD\n"
+      "  fsdp_state_dict_type: SHARDED_STATE_DICT\n"
+      "  fsdp_sync_module_states: true\n"
+      "  fsdp_transformer_layer_cls_to_wrap: BertLayer\n"
+      "  fsdp_use_orig_params: true\n";
+  const std::string deepspeed_body =
+      "deepspeed_config:\n"
+      "  deepspeed_hostfile: /home/me/hostfile\n"
+      "  deepspeed_multinode_launcher: standard\n"
+      "  gradient_accumulation_steps: 1\n"
+      "  gradient_clipping: 1.0e-05\n"
+      "  offload_optimizer_device: none\n"
+      "  offload_param_device: none\n"
+      "  zero3_init_flag: false\n"
+      "  zero_stage: 2\n"
+      "distributed_type: DEEPSPEED\n"
+      "downcast_bf16: DOWNCAST\n";
+  for (const auto& body : {fsdp_body, deepspeed_body}) {
+    auto with = [&](const std::string& downcast) {
+      std::string text = "compute_environment: LOCAL_MACHINE\ndebug: false\n" + body + common_tail;
+      text.replace(text.find("DOWNCAST"), 8, downcast);
+      return text;
+    };
+    TempDir dir;
+    const auto file = dir.path() / "python.yaml";
+    write_file(file, with("'no'"));
+    const auto r = accelerate_config({"show", "--config_file", file.string()});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(r.output, "# " + file.string() + "\n" + with("false"));
+  }
 }
 
 }  // namespace

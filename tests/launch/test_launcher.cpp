@@ -499,7 +499,7 @@ TEST(LaunchConfigFile, BadValueIsRefusedWithOneLineAndStatus2) {
   for (const auto& [text, reason] : std::vector<std::pair<std::string, std::string>>{
            {"distributed_type: MULTI_CPU\nmixed_precision: fp8\n", "fp8"},
            {"distributed_type: MULTI_CPU\nnum_processes: 0\n", "num_processes"},
-           {"distributed_type: DEEPSPEED\n", "DEEPSPEED"},
+           {"distributed_type: XLA\n", "XLA"},
            // A multi-machine file refuses --max_restarts as the same flags would.
            {"distributed_type: MULTI_CPU\nnum_machines: 2\nmain_process_port: 29500\n",
             "elastic rendezvous"}}) {

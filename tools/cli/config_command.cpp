@@ -6,6 +6,7 @@
 // an early end of input stops with status 2 instead of looping forever.
 #include "command.h"
 #include "config_file.h"
+#include "sharding.h"
 
 #include <unistd.h>
 
@@ -170,10 +171,161 @@ class Prompter {
   bool interactive_;
 };
 
+std::string yes_no_text(bool value) {
+  return value ? "true" : "false";
+}
+
+// A multiple-choice question whose values are the names in `names`, labelled by themselves.
+std::string choose_name(Prompter& ask, const std::string& key, const std::string& question,
+                        const std::vector<std::string>& names, std::size_t default_index = 0) {
+  std::vector<Choice> choices;
+  for (const auto& name : names) choices.push_back({name, name, ""});
+  return ask.choose(key, question, choices, default_index);
+}
+
+// The choices the schema (sharding.h) gives a config-file key.
+const std::vector<std::string>& choices_of(ShardingPlugin plugin, const std::string& key) {
+  return find_sharding_file_key(plugin, key)->choices;
+}
+
+// Python's DeepSpeed questions (cluster.py), in its order and with its defaults.
+PluginConfig ask_deepspeed(Prompter& ask, int num_machines, bool* uses_json_file) {
+  constexpr auto kDs = ShardingPlugin::kDeepSpeed;
+  PluginConfig deepspeed;
+  auto& values = deepspeed.values;
+  *uses_json_file = ask.yes_no("deepspeed_config_file",
+                               "Do you want to specify a json file to a DeepSpeed config?", false);
+  if (*uses_json_file) {
+    values["deepspeed_config_file"] =
+        ask.text("deepspeed_config_file", "Please enter the path to the json DeepSpeed config file",
+                 std::string("none"));
+  } else {
+    const std::string stage =
+        choose_name(ask, "zero_stage", "What should be your DeepSpeed's ZeRO optimization stage?",
+                    choices_of(kDs, "zero_stage"), 2);
+    values["zero_stage"] = stage;
+    if (std::stoi(stage) >= 2) {
+      const auto& devices = choices_of(kDs, "offload_optimizer_device");
+      const std::string optimizer = choose_name(ask, "offload_optimizer_device",
+                                                "Where to offload optimizer states?", devices);
+      const std::string param =
+          choose_name(ask, "offload_param_device", "Where to offload parameters?", devices);
+      values["offload_optimizer_device"] = optimizer;
+      values["offload_param_device"] = param;
+      if (param == "nvme") {
+        values["offload_param_nvme_path"] = ask.text(
+            "offload_param_nvme_path", "Nvme Path to offload parameters?", std::string("/nvme"));
+      }
+      if (optimizer == "nvme") {
+        values["offload_optimizer_nvme_path"] =
+            ask.text("offload_optimizer_nvme_path", "Nvme Path to offload optimizer states?",
+                     std::string("/nvme"));
+      }
+    }
+    values["gradient_accumulation_steps"] = std::to_string(
+        ask.integer("gradient_accumulation_steps",
+                    "How many gradient accumulation steps you're passing in your script?", 1, 1,
+                    std::numeric_limits<int>::max()));
+    if (ask.yes_no("gradient_clipping", "Do you want to use gradient clipping?", false)) {
+      const ShardingSetting& clipping = *find_sharding_file_key(kDs, "gradient_clipping");
+      values["gradient_clipping"] =
+          ask.text("gradient_clipping", "What is the gradient clipping value?", std::string("1.0"),
+                   [&](const std::string& answer) {
+                     std::string expected;
+                     const auto value = normalize_sharding_value(clipping, answer, &expected);
+                     if (!value) throw InvalidAnswer("please enter " + expected);
+                     return *value;
+                   });
+    }
+    if (stage == "3") {
+      values["zero3_save_16bit_model"] = yes_no_text(
+          ask.yes_no("zero3_save_16bit_model",
+                     "Do you want to save 16-bit model weights when using ZeRO Stage-3?", false));
+    }
+  }
+  values["zero3_init_flag"] = yes_no_text(
+      ask.yes_no("zero3_init_flag",
+                 "Do you want to enable `deepspeed.zero.Init` when using ZeRO Stage-3 for "
+                 "constructing massive models?",
+                 false));
+  if (num_machines > 1) {
+    // Listed as Python lists them, but only "standard" is how accelerate launch starts
+    // processes, so it is the default here (Python's is pdsh). The hostfile and filter questions
+    // that follow the other launchers in Python are never reached.
+    std::vector<Choice> launchers;
+    for (const auto& name : deepspeed_multinode_launchers()) {
+      launchers.push_back({name, name,
+                           name == "standard" ? ""
+                                              : "accelerate launch starts the processes of "
+                                                "every machine itself: choose standard"});
+    }
+    values["deepspeed_multinode_launcher"] = ask.choose(
+        "deepspeed_multinode_launcher", "Which Type of launcher do you want to use?", launchers, 1);
+  }
+  return deepspeed;
+}
+
+// Python's FSDP questions (cluster.py), in its order and with its defaults.
+PluginConfig ask_fsdp(Prompter& ask) {
+  constexpr auto kFsdp = ShardingPlugin::kFsdp;
+  PluginConfig fsdp;
+  auto& values = fsdp.values;
+  values["fsdp_sharding_strategy"] =
+      choose_name(ask, "fsdp_sharding_strategy", "What should be your sharding strategy?",
+                  choices_of(kFsdp, "fsdp_sharding_strategy"));
+  values["fsdp_offload_params"] = yes_no_text(ask.yes_no(
+      "fsdp_offload_params", "Do you want to offload parameters and gradients to CPU?", false));
+  const std::string policy =
+      choose_name(ask, "fsdp_auto_wrap_policy", "What should be your auto wrap policy?",
+                  choices_of(kFsdp, "fsdp_auto_wrap_policy"));
+  values["fsdp_auto_wrap_policy"] = policy;
+  if (policy == "TRANSFORMER_BASED_WRAP") {
+    // Python first asks whether to use the model's `_no_split_modules` (a 🤗 Transformers
+    // attribute). C++ modules have none, so the class names are always asked for.
+    values["fsdp_transformer_layer_cls_to_wrap"] =
+        ask.text("fsdp_transformer_layer_cls_to_wrap",
+                 "Specify the comma-separated list of transformer layer class names "
+                 "(case-sensitive) to wrap, e.g. `BertLayer`, `GPTJBlock`, `T5Block`, "
+                 "`BertLayer,BertEmbeddings,BertSelfOutput` ...?",
+                 std::nullopt);
+  } else if (policy == "SIZE_BASED_WRAP") {
+    values["fsdp_min_num_params"] = std::to_string(ask.integer(
+        "fsdp_min_num_params",
+        "What should be your FSDP's minimum number of parameters for Default Auto Wrapping "
+        "Policy?",
+        100000000, 0, std::numeric_limits<int>::max()));
+  }
+  values["fsdp_backward_prefetch"] = choose_name(
+      ask, "fsdp_backward_prefetch", "What should be your FSDP's backward prefetch policy?",
+      choices_of(kFsdp, "fsdp_backward_prefetch"));
+  values["fsdp_state_dict_type"] =
+      choose_name(ask, "fsdp_state_dict_type", "What should be your FSDP's state dict type?",
+                  choices_of(kFsdp, "fsdp_state_dict_type"), 2);
+  values["fsdp_forward_prefetch"] = yes_no_text(ask.yes_no(
+      "fsdp_forward_prefetch", "Do you want to enable FSDP's forward prefetch policy?", false));
+  values["fsdp_use_orig_params"] = yes_no_text(ask.yes_no(
+      "fsdp_use_orig_params", "Do you want to enable FSDP's `use_orig_params` feature?", true));
+  const bool ram_efficient =
+      ask.yes_no("fsdp_cpu_ram_efficient_loading",
+                 "Do you want to enable CPU RAM efficient model loading? Only applicable for 🤗 "
+                 "Transformers models.",
+                 true);
+  values["fsdp_cpu_ram_efficient_loading"] = yes_no_text(ram_efficient);
+  values["fsdp_sync_module_states"] = yes_no_text(
+      ram_efficient || ask.yes_no("fsdp_sync_module_states",
+                                  "Do you want each individually wrapped FSDP unit to broadcast "
+                                  "module parameters from rank 0 at the start?",
+                                  true));
+  values["fsdp_activation_checkpointing"] =
+      yes_no_text(ask.yes_no("fsdp_activation_checkpointing",
+                             "Do you want to enable FSDP activation checkpointing?", false));
+  return fsdp;
+}
+
 // Python's get_user_input() + get_cluster_input(), for the compute environment and machine
 // types accelerate-cpp supports. The answers Python would ask about features we lack (dynamo,
-// DeepSpeed, FSDP, Megatron-LM, TPU, NUMA affinity) are written with Python's "not used" values,
-// so the file has the keys Python's own file would have.
+// Megatron-LM, TPU, NUMA affinity, IPEX) are written with Python's "not used" values, so the file
+// has the keys Python's own file would have.
 ClusterConfig ask_cluster_config(Prompter& ask, int gpus_present) {
   ClusterConfig config;
   config.compute_environment =
@@ -237,6 +389,22 @@ ClusterConfig ask_cluster_config(Prompter& ask, int gpus_present) {
         false);
   }
 
+  // The sharding plugins, where Python asks about them: after the machine questions, before the
+  // number of processes; DeepSpeed first, FSDP only when DeepSpeed was not chosen. Python asks
+  // DeepSpeed for NO and multi-GPU and FSDP for multi-GPU only; here both are asked for multi-CPU
+  // and multi-GPU, where the engine runs, and neither for NO (one process has nothing to shard).
+  bool deepspeed_json = false;
+  if (distributed) {
+    if (ask.yes_no("use_deepspeed", "Do you want to use DeepSpeed?", false)) {
+      config.deepspeed_config = ask_deepspeed(ask, num_machines, &deepspeed_json);
+      config.distributed_type = "DEEPSPEED";
+    } else if (ask.yes_no("use_fsdp", "Do you want to use FullyShardedDataParallel?", false)) {
+      config.fsdp_config = ask_fsdp(ask);
+      config.distributed_type = "FSDP";
+    }
+  }
+  const bool sharded = config.fsdp_config || config.deepspeed_config;
+
   int num_processes = 1;
   if (type == "MULTI_CPU") {
     num_processes =
@@ -252,7 +420,8 @@ ClusterConfig ask_cluster_config(Prompter& ask, int gpus_present) {
         "training");
   }
 
-  if (!use_cpu) {
+  // Python does not ask for GPU ids once a plugin is chosen (every GPU is used).
+  if (!use_cpu && !sharded) {
     config.gpu_ids = ask.text(
         "gpu_ids",
         "What GPU(s) (by id) should be used for training on this machine as a comma-separated "
@@ -265,17 +434,24 @@ ClusterConfig ask_cluster_config(Prompter& ask, int gpus_present) {
         });
   }
 
-  config.mixed_precision = ask.choose("mixed_precision", "Do you wish to use mixed precision?",
-                                      {{"no", "no", ""},
-                                       {"fp16", "fp16", ""},
-                                       {"bf16", "bf16", ""},
-                                       {"fp8", "fp8", "fp8 is not supported by accelerate-cpp"}});
-  config.gradient_accumulation_steps = ask.integer(
-      "gradient_accumulation_steps",
-      "How many gradient accumulation steps should `accelerate launch` pass to your program? "
-      "(accelerate-cpp only: a file with a value other than 1 no longer loads in Python "
-      "Accelerate)",
-      1, 1, std::numeric_limits<int>::max());
+  // With a DeepSpeed JSON file Python leaves mixed precision to the file, and asks nothing.
+  if (!deepspeed_json) {
+    config.mixed_precision = ask.choose("mixed_precision", "Do you wish to use mixed precision?",
+                                        {{"no", "no", ""},
+                                         {"fp16", "fp16", ""},
+                                         {"bf16", "bf16", ""},
+                                         {"fp8", "fp8", "fp8 is not supported by accelerate-cpp"}});
+  }
+  // DeepSpeed asked it already (deepspeed_config.gradient_accumulation_steps), or its JSON holds
+  // it.
+  if (!config.deepspeed_config) {
+    config.gradient_accumulation_steps = ask.integer(
+        "gradient_accumulation_steps",
+        "How many gradient accumulation steps should `accelerate launch` pass to your program? "
+        "(accelerate-cpp only: a file with a value other than 1 no longer loads in Python "
+        "Accelerate)",
+        1, 1, std::numeric_limits<int>::max());
+  }
 
   config.num_processes = num_processes;
   config.num_machines = num_machines;

@@ -7,6 +7,7 @@
 #include "config_file.h"
 
 #include "command.h"
+#include "sharding.h"
 
 #include <fcntl.h>
 #include <pwd.h>
@@ -285,6 +286,57 @@ YAML::Node string_node(const std::string& text) {
 
 using Entries = std::map<std::string, YAML::Node>;
 
+bool is_digits(const std::string& text) {
+  return !text.empty() && std::all_of(text.begin(), text.end(),
+                                      [](unsigned char c) { return std::isdigit(c) != 0; });
+}
+
+// One value of fsdp_config / deepspeed_config as PyYAML's safe_dump writes what Python's
+// questionnaire stores there: booleans and numbers plain (floats always with a '.', as PyYAML
+// writes 1e-05 as 1.0e-05), enum names and paths as strings, quoted where YAML 1.1 needs it.
+std::string plugin_value_yaml(ShardingPlugin plugin, const std::string& key,
+                              const std::string& value) {
+  const ShardingSetting* setting = find_sharding_file_key(plugin, key);
+  if (setting == nullptr) return value;  // gradient_accumulation_steps: a whole number
+  switch (setting->kind) {
+    case ShardingValueKind::kBool:
+    case ShardingValueKind::kCount:
+      return value;
+    case ShardingValueKind::kNumber:
+      if (value.find('.') == std::string::npos && value.find('e') != std::string::npos) {
+        return std::string(value).insert(value.find('e'), ".0");
+      }
+      return value;
+    case ShardingValueKind::kChoice:
+    case ShardingValueKind::kNamedNumber:
+      // zero_stage: 2 and an older file's fsdp_sharding_strategy: 1 are numbers in Python.
+      return is_digits(value) ? value : yaml_string(value);
+    case ShardingValueKind::kLowerChoice:
+    case ShardingValueKind::kText:
+      break;
+  }
+  return yaml_string(value);
+}
+
+// The mapping as a node, through its YAML text: parsed scalars carry the tags the emitters go by
+// (quoted: a string; plain: what it looks like), so both the YAML and the JSON writer get every
+// value's type right.
+YAML::Node plugin_node(ShardingPlugin plugin, const PluginConfig& section) {
+  std::map<std::string, std::string> lines;
+  for (const auto& [key, value] : section.values) {
+    lines[key] = yaml_string(key) + ": " + plugin_value_yaml(plugin, key, value) + "\n";
+  }
+  for (const auto& [key, text] : section.passthrough) {
+    const YAML::Node value = YAML::Load(text);
+    std::string entry;
+    emit_yaml_entry(entry, key, value, 0);
+    lines[key] = entry;
+  }
+  std::string text;
+  for (const auto& [key, line] : lines) text += line;
+  return YAML::Load(text.empty() ? "{}" : text);
+}
+
 // Every key the file will hold, typed fields and passthrough alike, sorted. Kept in a std::map
 // rather than a YAML::Node map: assigning into a yaml-cpp map node aliases nodes, which
 // scrambled values when we tried it.
@@ -316,6 +368,12 @@ Entries config_entries(const ClusterConfig& config) {
   if (config.gradient_accumulation_steps && *config.gradient_accumulation_steps != 1) {
     entries["gradient_accumulation_steps"] = YAML::Node(*config.gradient_accumulation_steps);
   }
+  if (config.fsdp_config) {
+    entries["fsdp_config"] = plugin_node(ShardingPlugin::kFsdp, *config.fsdp_config);
+  }
+  if (config.deepspeed_config) {
+    entries["deepspeed_config"] = plugin_node(ShardingPlugin::kDeepSpeed, *config.deepspeed_config);
+  }
   return entries;
 }
 
@@ -326,8 +384,6 @@ Entries config_entries(const ClusterConfig& config) {
 const std::set<std::string> kPassthroughKeys = {"main_training_function",
                                                 "enable_cpu_affinity",
                                                 "fp8_config",
-                                                "deepspeed_config",
-                                                "fsdp_config",
                                                 "parallelism_config",
                                                 "megatron_lm_config",
                                                 "mpirun_config",
@@ -344,8 +400,10 @@ const std::set<std::string> kPassthroughKeys = {"main_training_function",
 
 // Python Accelerate's distributed types that need something accelerate-cpp does not have.
 const std::set<std::string> kUnsupportedDistributedTypes = {
-    "DEEPSPEED", "FSDP",      "XLA",        "TPU",        "MEGATRON_LM", "MULTI_XPU",
-    "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU",   "MULTI_NEURON"};
+    "XLA",       "TPU",        "MEGATRON_LM", "MULTI_XPU", "MULTI_NPU",
+    "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",  "MULTI_HPU", "MULTI_NEURON"};
+const std::vector<std::string> kDistributedTypes = {"NO", "MULTI_CPU", "MULTI_GPU", "FSDP",
+                                                    "DEEPSPEED"};
 
 // A value as it appeared, for error messages.
 std::string shown(const YAML::Node& node) {
@@ -403,9 +461,41 @@ class FileReader {
     return text;
   }
 
+  const std::string& path() const { return path_; }
+
  private:
   std::string path_;
 };
+
+// fsdp_config / deepspeed_config: every key checked against the schema in sharding.h, with the
+// same rules as the top level (unknown: a warning; Python-only: kept; null: absent).
+PluginConfig read_plugin_config(const FileReader& file, ShardingPlugin plugin,
+                                const std::string& section, const YAML::Node& map,
+                                const std::function<void(const std::string&)>& warn) {
+  if (!map.IsMap()) file.fail(section, map, "expected a mapping of keys to values");
+  PluginConfig config;
+  for (const auto& entry : map) {
+    if (!entry.first.IsScalar()) file.fail(section, map, "a key is not a plain name");
+    const std::string key = entry.first.Scalar();
+    const std::string name = section + "." + key;
+    const YAML::Node& value = entry.second;
+    if (value.IsNull()) continue;
+    if (const ShardingSetting* setting = find_sharding_file_key(plugin, key)) {
+      std::string expected;
+      const auto canonical =
+          normalize_sharding_value(*setting, file.as_string(name, value), &expected);
+      if (!canonical) file.fail(name, value, "expected " + expected);
+      config.values[setting->file_key] = *canonical;
+    } else if (plugin == ShardingPlugin::kDeepSpeed && key == "gradient_accumulation_steps") {
+      config.values[key] = std::to_string(file.as_int(name, value, 1));
+    } else if (plugin == ShardingPlugin::kDeepSpeed && is_deepspeed_passthrough_key(key)) {
+      config.passthrough[key] = yaml_value_text(value);
+    } else {
+      warn("config file '" + file.path() + "': unknown key '" + name + "' ignored");
+    }
+  }
+  return config;
+}
 
 std::string read_config_text(const std::string& path) {
   std::error_code ec;
@@ -498,9 +588,19 @@ ClusterConfig load_config_file(const std::string& path, std::vector<std::string>
          const std::string type = file.as_string(key, value);
          if (kUnsupportedDistributedTypes.count(type) != 0) {
            file.fail(key, value,
-                     "not supported by accelerate-cpp (use NO, MULTI_CPU or MULTI_GPU)");
+                     "not supported by accelerate-cpp (use NO, MULTI_CPU, MULTI_GPU, FSDP or "
+                     "DEEPSPEED)");
          }
-         config.distributed_type = file.one_of(key, value, {"NO", "MULTI_CPU", "MULTI_GPU"});
+         config.distributed_type = file.one_of(key, value, kDistributedTypes);
+       }},
+      {"fsdp_config",
+       [&](const std::string& key, const YAML::Node& value) {
+         config.fsdp_config = read_plugin_config(file, ShardingPlugin::kFsdp, key, value, warn);
+       }},
+      {"deepspeed_config",
+       [&](const std::string& key, const YAML::Node& value) {
+         config.deepspeed_config =
+             read_plugin_config(file, ShardingPlugin::kDeepSpeed, key, value, warn);
        }},
       {"mixed_precision",
        [&](const std::string& key, const YAML::Node& value) {
@@ -591,8 +691,20 @@ ClusterConfig load_config_file(const std::string& path, std::vector<std::string>
   }
   if (!config.distributed_type) {
     warn("config file '" + path +
-         "' has no distributed_type (Python Accelerate requires one: NO, MULTI_CPU or "
-         "MULTI_GPU)");
+         "' has no distributed_type (Python Accelerate requires one: NO, MULTI_CPU, MULTI_GPU, "
+         "FSDP or DEEPSPEED)");
+  }
+  // Two places for one setting (ours at the top, Python's in deepspeed_config) must agree.
+  if (config.deepspeed_config && config.gradient_accumulation_steps) {
+    const auto& values = config.deepspeed_config->values;
+    const auto nested = values.find("gradient_accumulation_steps");
+    if (nested != values.end() &&
+        nested->second != std::to_string(*config.gradient_accumulation_steps)) {
+      throw UsageError("config file '" + path +
+                       "': deepspeed_config.gradient_accumulation_steps = '" + nested->second +
+                       "' is invalid: gradient_accumulation_steps says " +
+                       std::to_string(*config.gradient_accumulation_steps) + "; give it once");
+    }
   }
   return config;
 }

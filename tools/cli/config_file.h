@@ -19,13 +19,29 @@
 
 namespace accelerate::cli {
 
+/// The contents of `fsdp_config:` or `deepspeed_config:`.
+///
+/// Example:
+///   PluginConfig fsdp{.values = {{"fsdp_sharding_strategy", "SHARD_GRAD_OP"}}};
+struct PluginConfig {
+  /// Key (as the schema in sharding.h names it, e.g. "fsdp_sharding_strategy", "zero_stage") ->
+  /// the value in canonical form (normalize_sharding_value: "true", "2", "1.0", "cpu"). Python's
+  /// older spellings are stored under the current key. deepspeed_config may also hold
+  /// "gradient_accumulation_steps" (a whole number of at least 1).
+  std::map<std::string, std::string> values;
+  /// Keys Python writes that mean nothing here (DeepSpeed's hostfile and filters): key -> the
+  /// value as YAML text, like ClusterConfig::passthrough.
+  std::map<std::string, std::string> passthrough;
+};
+
 /// The keys of Python Accelerate's `ClusterConfig` that mean something for accelerate-cpp. Every
 /// field is optional: absent in the file, absent here.
 struct ClusterConfig {
   /// "LOCAL_MACHINE" (the only one we support; "AMAZON_SAGEMAKER" is an error naming it).
   std::optional<std::string> compute_environment;
-  /// "NO", "MULTI_CPU", "MULTI_GPU" (others, e.g. "DEEPSPEED", "FSDP", "XLA": an error naming it).
-  /// Python requires it; a file without it loads here with a warning.
+  /// "NO", "MULTI_CPU", "MULTI_GPU", "FSDP" or "DEEPSPEED" (others, e.g. "XLA", "MEGATRON_LM": an
+  /// error naming it). FSDP and DEEPSPEED turn the plugin on, over several processes on CPUs
+  /// (with use_cpu) or GPUs. Python requires it; a file without it loads here with a warning.
   std::optional<std::string> distributed_type;
   /// "no", "fp16", "bf16" ("fp8": an error).
   std::optional<std::string> mixed_precision;
@@ -47,7 +63,11 @@ struct ClusterConfig {
   /// Our extension (Python keeps it in deepspeed_config): written only when not 1, because
   /// Python Accelerate refuses files with keys it does not know.
   std::optional<int> gradient_accumulation_steps;
-  /// Keys Python Accelerate writes that have no meaning here (tpu_*, dynamo_config, fsdp_config,
+  /// The `fsdp_config:` and `deepspeed_config:` mappings; absent when the file has no such key
+  /// (an empty mapping `{}` is kept, as older Python versions wrote it).
+  std::optional<PluginConfig> fsdp_config;
+  std::optional<PluginConfig> deepspeed_config;
+  /// Keys Python Accelerate writes that have no meaning here (tpu_*, dynamo_config,
   /// enable_cpu_affinity, main_training_function, ...): key -> the value as YAML text (e.g.
   /// "false", "[]", "dynamo_backend: INDUCTOR\n"), so a rewrite loses nothing. Values are
   /// re-emitted (nested keys sorted, strings quoted where needed), not copied byte for byte.
@@ -65,12 +85,14 @@ std::map<std::string, std::string> current_environment();
 /// an empty variable counts as unset (Python would take it as a relative path).
 std::string default_config_path(const std::map<std::string, std::string>& environment);
 
-/// Reads and validates a config file. Unknown keys are appended to `warnings` (one line each,
-/// naming the key) and dropped; keys Python writes that mean nothing here go to `passthrough`
-/// silently; a null value counts as absent. A bad value (wrong type, out of range, a feature
-/// accelerate-cpp lacks such as DEEPSPEED or fp8, machine_rank >= num_machines) is a UsageError
-/// naming the file, the key and the value; malformed YAML is one naming the line and column; a
-/// missing or unreadable file is one naming the path. `warnings` may be null.
+/// Reads and validates a config file. Unknown keys, top-level or inside fsdp_config and
+/// deepspeed_config, are appended to `warnings` (one line each, naming the key) and dropped; keys
+/// Python writes that mean nothing here go to `passthrough` silently; a null value counts as
+/// absent. A bad value (wrong type, out of range, a feature accelerate-cpp lacks such as XLA or
+/// fp8, machine_rank >= num_machines, a sharding value Accelerate does not accept) is a
+/// UsageError naming the file, the key (`fsdp_config.fsdp_sharding_strategy` for nested ones) and
+/// the value; malformed YAML is one naming the line and column; a missing or unreadable file is
+/// one naming the path. `warnings` may be null.
 ClusterConfig load_config_file(const std::string& path, std::vector<std::string>* warnings);
 
 /// The YAML text of `config`, keys in Python Accelerate's order (PyYAML's: sorted). Strings a

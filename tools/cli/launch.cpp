@@ -1,5 +1,7 @@
 #include "launch.h"
 
+#include "precedence.h"
+#include "sharding.h"
 #include "supervisor.h"
 
 #include <arpa/inet.h>
@@ -36,7 +38,8 @@ const std::vector<std::string> kMixedPrecisionChoices = {"no", "fp16", "bf16"};
 // Both end up as the same static TCPStore on the main process: "c10d" is accepted so that config
 // files and command lines written for Python Accelerate work unchanged.
 const std::vector<std::string> kRdzvBackendChoices = {"static", "c10d"};
-const std::vector<std::string> kDistributedTypeChoices = {"NO", "MULTI_CPU", "MULTI_GPU"};
+const std::vector<std::string> kDistributedTypeChoices = {"NO", "MULTI_CPU", "MULTI_GPU", "FSDP",
+                                                          "DEEPSPEED"};
 // Libraries that start one thread per core each; N workers would otherwise run N x cores threads.
 const std::vector<std::string> kThreadCountVariables = {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                         "MKL_NUM_THREADS"};
@@ -68,6 +71,25 @@ int pick_free_port() {
   ::close(fd);
   if (!ok) throw std::runtime_error(std::string("choosing a free port: ") + std::strerror(err));
   return ntohs(addr.sin_port);
+}
+
+// What `accelerate launch -h` shows after a sharding flag.
+const char* sharding_type_name(ShardingValueKind kind) {
+  switch (kind) {
+    case ShardingValueKind::kBool:
+      return "BOOL";
+    case ShardingValueKind::kCount:
+      return "INT";
+    case ShardingValueKind::kNumber:
+      return "FLOAT";
+    case ShardingValueKind::kText:
+      return "TEXT";
+    case ShardingValueKind::kChoice:
+    case ShardingValueKind::kLowerChoice:
+    case ShardingValueKind::kNamedNumber:
+      break;
+  }
+  return "CHOICE";
 }
 
 bool is_executable_file(const std::string& path) {
@@ -167,6 +189,27 @@ class LaunchCommand final : public Command {
     app.add_flag("--tee", tee_,
                  "With --log_dir, also copy the workers' lines to the console, prefixed with "
                  "\"[rank R] \" (default: off)");
+    app.add_flag("--use_fsdp", use_fsdp_,
+                 "Shard with Accelerate's FullyShardedDataParallelPlugin: sets "
+                 "ACCELERATE_USE_FSDP=true and the FSDP_* variables (default: off, or "
+                 "distributed_type: FSDP in the config file)")
+        ->group("FSDP");
+    app.add_flag("--use_deepspeed", use_deepspeed_,
+                 "Shard with Accelerate's DeepSpeedPlugin (ZeRO), run by accelerate-cpp's own "
+                 "engine: sets ACCELERATE_USE_DEEPSPEED=true and the ACCELERATE_DEEPSPEED_* "
+                 "variables (default: off, or distributed_type: DEEPSPEED in the config file)")
+        ->group("DeepSpeed");
+    for (const auto& setting : sharding_settings()) {
+      const bool fsdp = setting.plugin == ShardingPlugin::kFsdp;
+      std::string help = setting.help + "; ";
+      help += setting.env != nullptr ? std::string("sets ") + setting.env : "sets no variable";
+      help += " (default: " +
+              (setting.default_value ? *setting.default_value : std::string("not set")) + ")";
+      sharding_options_[setting.flag] =
+          app.add_option("--" + setting.flag, sharding_values_[setting.flag], help)
+              ->group(fsdp ? "FSDP" : "DeepSpeed")
+              ->type_name(sharding_type_name(setting.kind));
+    }
     // Documentation only: split_arguments() takes PROGRAM and ARGS out before CLI11 parses.
     app.add_option("PROGRAM", help_program_,
                    "Executable to start (searched in PATH when it has no '/')");
@@ -180,7 +223,13 @@ class LaunchCommand final : public Command {
         "Config file keys: num_processes, num_machines, machine_rank, main_process_ip, "
         "main_process_port, mixed_precision, use_cpu, gradient_accumulation_steps, debug, "
         "gpu_ids, rdzv_backend, distributed_type (NO: one process by default; MULTI_CPU: "
-        "--cpu); same_network is shown by --debug only.\n"
+        "--cpu; FSDP: --use_fsdp; DEEPSPEED: --use_deepspeed), fsdp_config (the --fsdp_* flags' "
+        "names), deepspeed_config (the DeepSpeed flags' names, and gradient_accumulation_steps); "
+        "same_network is shown by --debug only.\n"
+        "Sharding: --use_fsdp and --use_deepspeed exclude each other, and a plugin's flags need "
+        "the plugin. Values are checked against the choices Accelerate accepts; whether the "
+        "engine supports one (FULL_SHARD, stage 3, nvme) the program decides. The processes are "
+        "started as without a plugin; only their environment differs.\n"
         "Workers meet through a TCPStore that rank 0 serves at MASTER_ADDR:MASTER_PORT, whatever "
         "--rdzv_backend says. With --max_restarts, the launcher stops every worker when one fails "
         "and starts them all again, setting ACCELERATE_RESTART_COUNT (and torchrun's "
@@ -257,6 +306,11 @@ class LaunchCommand final : public Command {
     if (monitor_interval_->count() > 0) options.monitor_interval_seconds = monitor_interval_value_;
     if (log_dir_->count() > 0) options.log_dir = log_dir_value_;
     options.tee = tee_;
+    options.use_fsdp = use_fsdp_;
+    options.use_deepspeed = use_deepspeed_;
+    for (const auto& [flag, option] : sharding_options_) {
+      if (option->count() > 0) options.sharding_flags[flag] = sharding_values_[flag];
+    }
     options.program = program_;
     options.program_args = program_args_;
 
@@ -359,6 +413,11 @@ class LaunchCommand final : public Command {
   CLI::Option* log_dir_ = nullptr;
   std::string log_dir_value_;
   bool tee_ = false;
+  bool use_fsdp_ = false;
+  bool use_deepspeed_ = false;
+  // By flag name; std::map keeps each value where CLI11 was told to write it.
+  std::map<std::string, std::string> sharding_values_;
+  std::map<std::string, CLI::Option*> sharding_options_;
   std::string help_program_;
   std::vector<std::string> help_args_;
   std::string program_;
@@ -386,64 +445,6 @@ std::string resolve_program(const std::string& program) {
   }
   throw UsageError("PROGRAM '" + program + "' was not found in PATH or is not executable");
 }
-
-namespace {
-
-// One precedence rule for every setting: flag > config file > default. Records where each value
-// came from and names the setting the way its source spells it, so that an error about a value
-// from the config file points at the file, not at a flag the user never typed.
-class Precedence {
- public:
-  Precedence(LaunchConfig& config, const std::optional<LaunchConfigFile>& file)
-      : config_(config), file_(file) {}
-
-  /// The flag's value, else the file's, else nothing (the caller's default applies).
-  template <typename T>
-  std::optional<T> take(const std::string& name, const std::optional<T>& flag,
-                        const std::optional<T>& from_file) {
-    if (flag) return record(name, SettingSource::kFlag, flag);
-    if (from_file) return record(name, SettingSource::kConfigFile, from_file);
-    return record(name, SettingSource::kDefault, std::optional<T>());
-  }
-
-  /// For settings that only have a flag.
-  template <typename T>
-  std::optional<T> flag(const std::string& name, const std::optional<T>& value) {
-    return record(name, value ? SettingSource::kFlag : SettingSource::kDefault, value);
-  }
-
-  void set(const std::string& name, SettingSource source) { config_.sources[name] = source; }
-
-  /// How a message names the setting: "--num_processes", or "num_processes in config file X".
-  std::string where(const std::string& name) const {
-    const auto it = config_.sources.find(name);
-    if (it != config_.sources.end() && it->second == SettingSource::kConfigFile) {
-      return name + " in config file " + file_->path;
-    }
-    return "--" + name;
-  }
-
- private:
-  template <typename T>
-  std::optional<T> record(const std::string& name, SettingSource source,
-                          const std::optional<T>& value) {
-    config_.sources[name] = source;
-    return value;
-  }
-
-  LaunchConfig& config_;
-  const std::optional<LaunchConfigFile>& file_;
-};
-
-void check_choice(const Precedence& precedence, const std::string& name, const std::string& value,
-                  const std::vector<std::string>& choices) {
-  if (std::find(choices.begin(), choices.end(), value) == choices.end()) {
-    throw UsageError(precedence.where(name) + " must be one of " + join(choices, ", ") + ", got '" +
-                     value + "'");
-  }
-}
-
-}  // namespace
 
 std::optional<LaunchConfigFile> read_launch_config_file(
     const LaunchOptions& options, const std::map<std::string, std::string>& environment,
@@ -485,6 +486,7 @@ LaunchConfig resolve_launch_config(const LaunchOptions& options,
     precedence.set("distributed_type", SettingSource::kConfigFile);
     check_choice(precedence, "distributed_type", *config.distributed_type, kDistributedTypeChoices);
   }
+  resolve_sharding_plugins(options, from_file, precedence, config);
 
   // Python Accelerate writes -1 for "give --num_processes on the command line".
   const auto num_processes =
@@ -539,9 +541,18 @@ LaunchConfig resolve_launch_config(const LaunchOptions& options,
   if (config.mixed_precision) {
     check_choice(precedence, "mixed_precision", *config.mixed_precision, kMixedPrecisionChoices);
   }
-  config.gradient_accumulation_steps =
-      precedence.take("gradient_accumulation_steps", options.gradient_accumulation_steps,
-                      from_file.gradient_accumulation_steps);
+  // Python keeps it in deepspeed_config; ours sits at the top (load_config_file makes both agree).
+  std::optional<int> file_accumulation = from_file.gradient_accumulation_steps;
+  if (!file_accumulation && config.use_deepspeed && from_file.deepspeed_config) {
+    const auto& values = from_file.deepspeed_config->values;
+    if (const auto it = values.find("gradient_accumulation_steps"); it != values.end()) {
+      file_accumulation = std::stoi(it->second);
+      precedence.set_file_key("gradient_accumulation_steps",
+                              "deepspeed_config.gradient_accumulation_steps");
+    }
+  }
+  config.gradient_accumulation_steps = precedence.take(
+      "gradient_accumulation_steps", options.gradient_accumulation_steps, file_accumulation);
   if (config.gradient_accumulation_steps && *config.gradient_accumulation_steps < 1) {
     throw UsageError(precedence.where("gradient_accumulation_steps") + " must be at least 1, got " +
                      std::to_string(*config.gradient_accumulation_steps));
@@ -671,6 +682,7 @@ std::vector<std::string> worker_environment(const LaunchConfig& config,
     set_env_entry(env, "CUDA_VISIBLE_DEVICES", *config.gpu_ids);
   }
   if (config.debug) set_env_entry(env, "ACCELERATE_DEBUG_MODE", "1");
+  for (const auto& [name, value] : sharding_environment(config)) set_env_entry(env, name, value);
   for (const auto& [name, value] : config.thread_defaults) set_env_entry(env, name, value);
   for (const auto& [name, value] : config.memory_defaults) set_env_entry(env, name, value);
   return env;
@@ -718,6 +730,16 @@ std::vector<std::string> describe_launch_config(const LaunchConfig& config) {
   lines.push_back(line("mixed_precision", or_unset(config.mixed_precision)));
   lines.push_back(
       line("gradient_accumulation_steps", or_unset(config.gradient_accumulation_steps)));
+  lines.push_back(line("use_fsdp", text(config.use_fsdp)));
+  lines.push_back(line("use_deepspeed", text(config.use_deepspeed)));
+  for (const auto& setting : sharding_settings()) {
+    const bool on =
+        setting.plugin == ShardingPlugin::kFsdp ? config.use_fsdp : config.use_deepspeed;
+    if (!on) continue;
+    const auto value = config.sharding.find(setting.flag);
+    lines.push_back(
+        line(setting.flag, value == config.sharding.end() ? "(not set)" : value->second));
+  }
   lines.push_back(line("debug", text(config.debug)));
   lines.push_back(line("gpu_ids", config.gpu_ids.value_or("all")));
   lines.push_back(line("main_process_ip", config.main_process_ip));

@@ -50,6 +50,12 @@ struct LaunchOptions {
   std::optional<double> monitor_interval_seconds;
   std::optional<std::string> log_dir;
   bool tee = false;
+  /// Flags can only turn them on; off means "not given".
+  bool use_fsdp = false;
+  bool use_deepspeed = false;
+  /// The sharding plugins' flags that were given, by name without dashes
+  /// ("fsdp_sharding_strategy", "zero_stage"; see sharding.h), as typed.
+  std::map<std::string, std::string> sharding_flags;
   /// PROGRAM as typed; empty when missing.
   std::string program;
   /// Everything after PROGRAM, verbatim.
@@ -79,8 +85,15 @@ struct LaunchConfig {
   std::string rdzv_backend = "static";
   /// From the config file, informational only.
   std::optional<bool> same_network;
-  /// From the config file, informational only ("NO", "MULTI_CPU", "MULTI_GPU").
+  /// From the config file ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"); FSDP and
+  /// DEEPSPEED turn the plugin on, the others are informational only.
   std::optional<std::string> distributed_type;
+  /// The sharding plugin (at most one): --use_fsdp / --use_deepspeed, or distributed_type.
+  bool use_fsdp = false;
+  bool use_deepspeed = false;
+  /// The plugin's settings that have a value (flag, config file, or Python's default), by flag
+  /// name, in canonical form (sharding.h); deepspeed_config_file is absolute here.
+  std::map<std::string, std::string> sharding;
   int max_restarts = 0;
   std::chrono::milliseconds monitor_interval{100};
   /// Directory of the per-rank log files; unset means workers write to our stdout and stderr.
@@ -131,6 +144,11 @@ std::string resolve_program(const std::string& program);
 std::vector<std::string> worker_environment(const LaunchConfig& config,
                                             const LaunchAttempt& attempt, int local_rank,
                                             const std::vector<std::string>& base);
+
+/// The variables the sharding plugin gives every worker (NAME, VALUE), in sharding.h's order:
+/// ACCELERATE_USE_FSDP=true and FSDP_*, or ACCELERATE_USE_DEEPSPEED=true and
+/// ACCELERATE_DEEPSPEED_* / ACCELERATE_GRADIENT_CLIPPING; none without a plugin.
+std::vector<std::pair<std::string, std::string>> sharding_environment(const LaunchConfig& config);
 
 /// One line per resolved value and where it came from ("num_processes = 2 (flag)"), for --debug.
 std::vector<std::string> describe_launch_config(const LaunchConfig& config);
