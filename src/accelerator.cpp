@@ -213,10 +213,7 @@ AcceleratorConfig resolve_accelerator_options(const AcceleratorOptions& options,
 std::string AcceleratorConfig::describe() const {
   std::ostringstream out;
   auto line = [&](const std::string& name, const auto& value) {
-    out << name << " = " << value;
-    auto it = sources.find(name);
-    if (it != sources.end()) out << " (" << it->second << ")";
-    out << "\n";
+    detail::describe_line(out, name, value, sources);
   };
   line("device_placement", device_placement ? "true" : "false");
   line("split_batches", split_batches ? "true" : "false");

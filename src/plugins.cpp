@@ -303,10 +303,7 @@ StateDictType state_dict_type_from_string(const std::string& text) {
 std::string ShardingConfig::describe() const {
   std::ostringstream out;
   auto line = [&](const std::string& name, const auto& value) {
-    out << name << " = " << value;
-    auto it = sources.find(name);
-    if (it != sources.end()) out << " (" << it->second << ")";
-    out << "\n";
+    detail::describe_line(out, name, value, sources);
   };
   line("sharding_engine", engine);
   if (sharding_strategy) line("sharding_strategy", to_string(*sharding_strategy));

@@ -417,6 +417,12 @@ TEST(CheckpointState, RefusalsNameTheProblemAndChangeNothing) {
     std::ofstream(marker, std::ios::trunc) << j.dump();
   };
   // (Another world size loads: tests/launch/test_checkpoint_multiprocess.cpp.)
+  // The marker may list files in sub-folders (sharded optimizer state), never outside.
+  for (const std::string bad : {"../model.safetensors", "a//b", "/etc/passwd", "x/./y"}) {
+    edit([&](auto& j) { j["files"][bad] = 1; });
+    EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()),
+                          "\"" + bad + "\" is not a file name inside the checkpoint");
+  }
   edit([](auto& j) { j["num_optimizers"] = 2; });
   EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()),
                         "holds 2 optimizer(s), this Accelerator has 1");

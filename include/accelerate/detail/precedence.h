@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <map>
 #include <optional>
+#include <ostream>
 #include <string>
 
 namespace accelerate::detail {
@@ -37,6 +38,16 @@ T pick(std::initializer_list<Candidate<T>> candidates, T fallback, const std::st
   }
   sources[field] = "default";
   return fallback;
+}
+
+/// One line of a resolved config's describe(): "name = value (source)".
+template <class V>
+void describe_line(std::ostream& out, const std::string& name, const V& value,
+                   const std::map<std::string, std::string>& sources) {
+  out << name << " = " << value;
+  auto it = sources.find(name);
+  if (it != sources.end()) out << " (" << it->second << ")";
+  out << "\n";
 }
 
 }  // namespace accelerate::detail
