@@ -1,5 +1,7 @@
 #include "accelerate/accelerator.h"
 
+#include "fsdp_core.h"
+
 #include "accelerate/detail/precedence.h"
 
 #include <torch/cuda.h>
@@ -435,8 +437,28 @@ void Accelerator::prepare_module(const std::shared_ptr<torch::nn::Module>& modul
   bool trainable = false;
   for (const auto& p : module->parameters()) trainable = trainable || p.requires_grad();
   if (!trainable) return;
-  auto sync = std::make_shared<GradientSynchronizer>(module, core.state, core.config.ddp_kwargs);
-  if (core.config.sharding.sharded()) sync->shard_gradients(core.config.sharding.stage);
+  std::shared_ptr<GradientSynchronizer> sync;
+  if (core.config.sharding.stage == 3) {
+    FullyShardedOptions full = core.config.sharding.full_shard;
+    // Accelerate's FSDP policy for mixed_precision="bf16": parameters, reductions and buffers
+    // in bfloat16, master weights (the shards) in float32.
+    if (core.config.mixed_precision == MixedPrecision::BF16 && !full.mixed_precision.param_dtype) {
+      full.mixed_precision = {at::kBFloat16, at::kBFloat16, at::kBFloat16};
+    }
+    sync = std::make_shared<GradientSynchronizer>(module, core.state, full);
+    static std::once_flag param_offload_note;
+    if (full.cpu_offload && !core.state->device().is_cuda()) {
+      std::call_once(param_offload_note, [&] {
+        if (core.state->is_main_process()) {
+          std::cerr << "accelerate: cpu_offload / offload_param_device=cpu: this run is on the "
+                       "CPU, where the parameter shards already live; nothing to offload\n";
+        }
+      });
+    }
+  } else {
+    sync = std::make_shared<GradientSynchronizer>(module, core.state, core.config.ddp_kwargs);
+    if (core.config.sharding.sharded()) sync->shard_gradients(core.config.sharding.stage);
+  }
   core.synchronizers[module.get()] = std::move(sync);
   static std::once_flag offload_note;
   if (core.config.sharding.offload_optimizer && !core.state->device().is_cuda()) {
@@ -585,6 +607,25 @@ bool Accelerator::optimizer_step_was_skipped() const {
 torch::OrderedDict<std::string, at::Tensor> Accelerator::get_state_dict(
     const torch::nn::Module& model) const {
   torch::OrderedDict<std::string, at::Tensor> out;
+  if (auto full = detail::full_shard_core_of(model)) {
+    // Collective under full sharding: gathered one unit at a time, in the shards' dtype.
+    const auto specs = detail::full_state_specs(*full, model);
+    detail::FullStateReader reader(*full, specs);
+    for (size_t k = 0; k < specs.specs.size(); ++k) {
+      out.insert(specs.specs[k].first, reader(k).to(at::kCPU, false, /*copy=*/true));
+    }
+    // Tied names, as named_parameters lists them.
+    for (const auto& item : model.named_parameters()) {
+      if (out.contains(item.key())) continue;
+      for (size_t k = 0; k < specs.specs.size(); ++k) {
+        const auto& p = specs.param[k];
+        if (p && full->params[*p].tensor.is_same(item.value())) {
+          out.insert(item.key(), out[specs.specs[k].first]);
+        }
+      }
+    }
+    return out;
+  }
   for (const auto& item : model.named_parameters()) {
     out.insert(item.key(), item.value().detach().to(at::kCPU, /*non_blocking=*/false,
                                                     /*copy=*/true));
@@ -596,6 +637,11 @@ torch::OrderedDict<std::string, at::Tensor> Accelerator::get_state_dict(
 }
 
 void Accelerator::free_memory() {
+  // Fully sharded models get their whole parameters back first (collective), so that they stay
+  // usable once the sharding engine is gone.
+  for (auto& [module, sync] : core_->synchronizers) {
+    if (sync->full_shard()) sync->full_shard()->gather_all_whole();
+  }
   core_->synchronizers.clear();
   core_->models.clear();
   core_->optimizers.clear();

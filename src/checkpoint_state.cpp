@@ -8,6 +8,7 @@
 #include "accelerate/detail/collectives.h"
 #include "accelerate/optimizer_state.h"
 #include "accelerate/safetensors.h"
+#include "fsdp_core.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
@@ -415,6 +416,11 @@ fs::path custom_object_file(const fs::path& dir, size_t index) {
 
 // SHARDED_STATE_DICT optimizer state: a directory per optimizer, named as Accelerate's FSDP
 // names it.
+// Accelerate's name for FSDP's SHARDED_STATE_DICT of model `index`.
+fs::path sharded_model_dir(const fs::path& dir, size_t index) {
+  return dir / ("pytorch_model_fsdp_" + std::to_string(index));
+}
+
 fs::path sharded_optimizer_dir(const fs::path& dir, size_t index) {
   return dir / (std::string(kOptimizerName) + "_" + std::to_string(index));
 }
@@ -492,11 +498,22 @@ enum class SavedObject { kModel, kOptimizer, kScheduler, kCustomObject };
 void load_object(detail::AcceleratorCore& core, SavedObject kind, size_t index,
                  const fs::path& dir) {
   switch (kind) {
-    case SavedObject::kModel:
-      load_checkpoint_in_model(
-          *core.models[index],
-          (dir / indexed_file_name(kModelName, index, ".safetensors")).string(), {.strict = true});
+    case SavedObject::kModel: {
+      auto& model = *core.models[index];
+      const fs::path sharded = sharded_model_dir(dir, index);
+      const fs::path file = dir / indexed_file_name(kModelName, index, ".safetensors");
+      if (auto full = detail::full_shard_core_of(model)) {
+        detail::load_full_shard_model(*full, model, (fs::exists(sharded) ? sharded : file).string(),
+                                      core.config.sharding.cpu_ram_efficient_loading);
+      } else if (fs::exists(sharded / detail::kFsdpIndexFile)) {
+        // Saved fully sharded, loaded without: the pieces are put together.
+        copy_into_module(model, detail::read_sharded_model_state(sharded.string()),
+                         sharded.string());
+      } else {
+        load_checkpoint_in_model(model, file.string(), {.strict = true});
+      }
       break;
+    }
     case SavedObject::kOptimizer: {
       auto& slot = *core.optimizers[index];
       const fs::path sharded = sharded_optimizer_dir(dir, index);
@@ -579,6 +596,12 @@ bool Accelerator::save(const NamedTensors& tensors, const std::string& path,
 std::vector<std::string> Accelerator::save_model(const torch::nn::Module& model,
                                                  const std::string& directory,
                                                  const SaveModelOptions& options) const {
+  if (auto full = detail::full_shard_core_of(model)) {
+    // Every process takes part in gathering the units; the saving process writes.
+    auto written =
+        detail::save_full_shard_model(*full, model, directory, options, is_saving_process());
+    return is_saving_process() ? written : std::vector<std::string>{};
+  }
   if (!is_saving_process()) return {};
   return accelerate::save_model(model, directory, options);
 }
@@ -697,11 +720,50 @@ std::string Accelerator::save_state(const std::string& output_dir) {
       }
     }
   });
+  // Fully sharded models: the weights the hooks see are meta tensors (shapes and dtypes); the
+  // values are streamed from the shards one unit at a time, every process taking part.
+  std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
+  std::vector<NamedTensors> weights;
+  std::map<const torch::nn::Module*, detail::FullStateSpecs> full_specs;
   on_all_processes(state, "save_state", [&] {
-    std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
-    std::vector<NamedTensors> weights;
-    for (const auto& m : models) weights.push_back(model_state(*m));
+    for (const auto& m : models) {
+      if (auto full = detail::full_shard_core_of(*m)) {
+        auto specs = detail::full_state_specs(*full, *m);
+        weights.push_back(specs.specs);
+        full_specs.emplace(m.get(), std::move(specs));
+      } else {
+        weights.push_back(model_state(*m));
+      }
+    }
     for (auto& [id, hook] : core.hooks->save) hook(models, weights, partial.string());
+  });
+  on_all_processes(state, "save_state", [&] {
+    for (size_t i = 0; i < models.size(); ++i) {
+      auto it = full_specs.find(models[i].get());
+      if (it == full_specs.end()) continue;
+      auto full = detail::full_shard_core_of(*models[i]);
+      if (sharded_files) {
+        detail::save_sharded_model(*full, *models[i], sharded_model_dir(partial, i).string());
+        continue;
+      }
+      // What a hook left of the entries (it may have dropped some).
+      std::vector<std::pair<std::string, at::Tensor>> kept;
+      std::vector<size_t> source;
+      for (const auto& [name, t] : weights[i]) {
+        for (size_t k = 0; k < it->second.specs.size(); ++k) {
+          if (it->second.specs[k].first == name) {
+            kept.emplace_back(name, t);
+            source.push_back(k);
+          }
+        }
+      }
+      detail::FullStateReader reader(*full, it->second);
+      safetensors::detail::save_file_streaming(
+          kept, (partial / indexed_file_name(kModelName, i, ".safetensors")).string(),
+          {{"format", "pt"}}, [&](size_t k) { return reader(source[k]); }, publisher);
+    }
+  });
+  on_all_processes(state, "save_state", [&] {
     info.num_models = static_cast<int64_t>(weights.size());
     info.num_optimizers = static_cast<int64_t>(core.optimizers.size());
     info.num_schedulers = static_cast<int64_t>(core.schedulers.size());
@@ -710,6 +772,7 @@ std::string Accelerator::save_state(const std::string& output_dir) {
     info.has_scaler = core.scaler != nullptr;
     if (publisher) {
       for (size_t i = 0; i < weights.size(); ++i) {
+        if (i < models.size() && full_specs.count(models[i].get())) continue;
         safetensors::save_file(
             weights[i], (partial / indexed_file_name(kModelName, i, ".safetensors")).string(),
             {{"format", "pt"}});

@@ -1,6 +1,7 @@
 #include "accelerate/checkpointing.h"
 
 #include "accelerate/safetensors.h"
+#include "fsdp_core.h"
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -88,6 +89,15 @@ ShardPlan shard_checkpoint(const std::vector<std::pair<std::string, at::Tensor>>
 
 std::vector<std::pair<std::string, at::Tensor>> model_state(const torch::nn::Module& model) {
   std::vector<std::pair<std::string, at::Tensor>> out;
+  if (auto core = detail::full_shard_core_of(model)) {
+    // Collective: gathered one unit at a time, in the shards' dtype.
+    const auto specs = detail::full_state_specs(*core, model);
+    detail::FullStateReader reader(*core, specs);
+    for (size_t k = 0; k < specs.specs.size(); ++k) {
+      out.emplace_back(specs.specs[k].first, reader(k).clone());
+    }
+    return out;
+  }
   // Tied weights share storage: keep the first name, as Hugging Face's savers do; loading
   // fills the tie through the model, which shares the tensor already.
   std::set<std::tuple<const void*, std::vector<int64_t>, std::vector<int64_t>, int>> seen;
@@ -116,28 +126,44 @@ bool is_our_weight_file(const std::string& name) {
 
 std::vector<std::string> save_model(const torch::nn::Module& model, const std::string& directory,
                                     const SaveModelOptions& options) {
+  if (auto core = detail::full_shard_core_of(model)) {
+    // Collective: every process streams its shards, the caller's process writes.
+    return detail::save_full_shard_model(*core, model, directory, options, true);
+  }
+  const auto tensors = model_state(model);
+  return detail::save_model_streaming(
+      tensors, directory, options, [&](size_t i) { return tensors[i].second; }, true);
+}
+
+std::vector<std::string> detail::save_model_streaming(
+    const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& directory,
+    const SaveModelOptions& options, const std::function<at::Tensor(size_t)>& fetch, bool write) {
   TORCH_CHECK(options.safe_serialization,
               "accelerate: save_model writes safetensors only (safe_serialization=false would "
               "need Python's pickle format, which LibTorch cannot write)");
   const int64_t limit = parse_file_size(options.max_shard_size);
-  fs::create_directories(directory);
-  const auto tensors = model_state(model);
+  if (write) fs::create_directories(directory);
   const auto plan = shard_checkpoint(tensors, limit);
-  std::map<std::string, at::Tensor> by_name(tensors.begin(), tensors.end());
+  std::map<std::string, size_t> by_name;
+  for (size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].first, i);
   const std::map<std::string, std::string> metadata{{"format", "pt"}};
 
   std::vector<std::string> written;
   nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
   for (const auto& [file, names] : plan.shards) {
     std::vector<std::pair<std::string, at::Tensor>> part;
+    std::vector<size_t> index;
     for (const auto& name : names) {
-      part.emplace_back(name, by_name.at(name));
+      index.push_back(by_name.at(name));
+      part.emplace_back(name, tensors[index.back()].second);
       weight_map[name] = file;
     }
     const auto path = (fs::path(directory) / file).string();
-    safetensors::save_file(part, path, metadata);
+    safetensors::detail::save_file_streaming(
+        part, path, metadata, [&](size_t k) { return fetch(index[k]); }, write);
     written.push_back(path);
   }
+  if (!write) return {};
   if (plan.shards.size() > 1) {
     nlohmann::ordered_json index;
     index["metadata"] = {{"total_size", plan.total_size}};
@@ -161,6 +187,11 @@ std::vector<std::string> save_model(const torch::nn::Module& model, const std::s
 
 LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string& path,
                                     const LoadCheckpointOptions& options) {
+  if (auto core = detail::full_shard_core_of(model)) {
+    // Collective: each process keeps its pieces. Loading is strict for a sharded model.
+    detail::load_full_shard_model(*core, model, path, false);
+    return {};
+  }
   // Which files: one safetensors file, or the shards an index names.
   std::vector<fs::path> files;
   fs::path index_path;

@@ -2,6 +2,7 @@
 
 #include "accelerate/detail/collectives.h"
 #include "accelerate/detail/direct_gloo.h"
+#include "fsdp_core.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -926,6 +927,28 @@ GradientSynchronizer::GradientSynchronizer(std::shared_ptr<torch::nn::Module> mo
   }
 }
 
+GradientSynchronizer::GradientSynchronizer(std::shared_ptr<torch::nn::Module> module,
+                                           std::shared_ptr<PartialState> state,
+                                           const FullyShardedOptions& options)
+    : core_(std::make_shared<detail::SyncCore>()) {
+  TORCH_CHECK(module != nullptr, "accelerate: GradientSynchronizer: the module is null");
+  TORCH_CHECK(state != nullptr, "accelerate: GradientSynchronizer: the state is null");
+  // The SyncCore holds no parameters here: it keeps the require_sync flag that no_sync guards
+  // and the Accelerator already drive.
+  core_->module = module;
+  core_->state = state;
+  core_->distributed = state->use_distributed();
+  core_->shard_stage = 3;
+  std::weak_ptr<detail::SyncCore> flags = core_;
+  full_ = std::make_shared<detail::FullShardCore>(module, state, options, [flags] {
+    auto core = flags.lock();
+    if (!core) return true;
+    std::lock_guard<std::mutex> lock(core->mutex);
+    return core->require_sync;
+  });
+  full_->setup();
+}
+
 GradientSynchronizer::~GradientSynchronizer() {
   if (!core_) return;
   std::lock_guard<std::mutex> lock(core_->mutex);
@@ -934,6 +957,10 @@ GradientSynchronizer::~GradientSynchronizer() {
 }
 
 void GradientSynchronizer::finalize() {
+  if (full_) {
+    full_->finalize();
+    return;
+  }
   core_->finalize();
 }
 
@@ -972,6 +999,13 @@ bool GradientSynchronizer::active() const {
 
 std::vector<std::vector<std::string>> GradientSynchronizer::bucket_parameter_names() const {
   std::vector<std::vector<std::string>> out;
+  if (full_) {
+    for (const auto& u : full_->units) {
+      auto& names = out.emplace_back();
+      for (size_t i : u.params) names.push_back(full_->params[i].name);
+    }
+    return out;
+  }
   for (const auto& b : core_->buckets) {
     auto& names = out.emplace_back();
     for (size_t i : b.params) names.push_back(core_->params[i].name);
@@ -1002,6 +1036,7 @@ void GradientSynchronizer::reset_stats() {
 }
 
 size_t GradientSynchronizer::num_buckets() const {
+  if (full_) return full_->units.size();
   return core_->buckets.size();
 }
 
@@ -1010,6 +1045,10 @@ int64_t GradientSynchronizer::num_allreduces_launched() const {
 }
 
 void GradientSynchronizer::shard_gradients(int stage) {
+  TORCH_CHECK(!full_ || stage == 3,
+              "accelerate: GradientSynchronizer::shard_gradients: this model is fully sharded "
+              "(stage 3)");
+  if (full_) return;
   TORCH_CHECK(stage >= 0 && stage <= 2,
               "accelerate: GradientSynchronizer::shard_gradients: stage must be 0, 1 or 2, got ",
               stage);
@@ -1031,12 +1070,29 @@ int GradientSynchronizer::gradient_sharding_stage() const {
 
 std::vector<at::Tensor> GradientSynchronizer::parameters() const {
   std::vector<at::Tensor> out;
+  if (full_) {
+    for (const auto& p : full_->params) out.push_back(p.tensor);
+    return out;
+  }
   for (const auto& p : core_->params) out.push_back(p.tensor);
   return out;
 }
 
 std::vector<GradientBucketLayout> GradientSynchronizer::bucket_layout() const {
   std::vector<GradientBucketLayout> out;
+  if (full_) {
+    for (const auto& u : full_->units) {
+      auto& layout = out.emplace_back();
+      layout.dtype = u.dtype;
+      layout.numel = u.numel;
+      layout.shard_numel = u.shard_numel;
+      for (size_t i : u.params) {
+        layout.params.push_back(i);
+        layout.offsets.push_back(full_->params[i].offset);
+      }
+    }
+    return out;
+  }
   const int64_t world = core_->state->num_processes();
   for (const auto& b : core_->buckets) {
     auto& layout = out.emplace_back();
@@ -1052,6 +1108,12 @@ std::vector<GradientBucketLayout> GradientSynchronizer::bucket_layout() const {
 }
 
 at::Tensor GradientSynchronizer::gradient_shard(size_t bucket) const {
+  if (full_) {
+    std::lock_guard<std::recursive_mutex> lock(full_->mutex);
+    TORCH_CHECK(bucket < full_->units.size(), "accelerate: gradient_shard: unit ", bucket,
+                " out of range");
+    return full_->units[bucket].grad_shard;
+  }
   std::lock_guard<std::mutex> lock(core_->mutex);
   TORCH_CHECK(bucket < core_->buckets.size(), "accelerate: gradient_shard: bucket ", bucket,
               " out of range");
@@ -1059,11 +1121,29 @@ at::Tensor GradientSynchronizer::gradient_shard(size_t bucket) const {
 }
 
 void GradientSynchronizer::release_gradient_shards() {
+  if (full_) {
+    std::lock_guard<std::recursive_mutex> lock(full_->mutex);
+    for (auto& u : full_->units) u.grad_shard = at::Tensor();
+    return;
+  }
   std::lock_guard<std::mutex> lock(core_->mutex);
   for (auto& b : core_->buckets) b.shard = at::Tensor();
 }
 
+at::Tensor GradientSynchronizer::parameter_shard(size_t bucket) const {
+  if (!full_) return {};
+  std::lock_guard<std::recursive_mutex> lock(full_->mutex);
+  TORCH_CHECK(bucket < full_->units.size(), "accelerate: parameter_shard: unit ", bucket,
+              " out of range");
+  return full_->units[bucket].shard;
+}
+
+void GradientSynchronizer::parameters_updated() {
+  if (full_) full_->parameters_updated();
+}
+
 bool GradientSynchronizer::parameter_unused(size_t index) const {
+  if (full_) return false;
   std::lock_guard<std::mutex> lock(core_->mutex);
   return index < core_->unused.size() && core_->unused[index];
 }

@@ -139,9 +139,8 @@ void resolve_fsdp(const FullyShardedDataParallelPlugin& given, const EnvMap& env
       c.stage = 2;
       break;
     case ShardingStrategy::FULL_SHARD:
-      TORCH_CHECK(false, "accelerate: FSDP sharding_strategy FULL_SHARD", where,
-                  " (parameter sharding, ZeRO-3) is not available yet; use SHARD_GRAD_OP "
-                  "(gradients and optimizer state sharded) or NO_SHARD");
+      c.stage = 3;
+      break;
     case ShardingStrategy::HYBRID_SHARD:
     case ShardingStrategy::HYBRID_SHARD_ZERO2:
       TORCH_CHECK(false, "accelerate: FSDP sharding_strategy ", to_string(strategy), where,
@@ -150,9 +149,11 @@ void resolve_fsdp(const FullyShardedDataParallelPlugin& given, const EnvMap& env
   }
   const bool offload =
       pick<bool>(given.cpu_offload, std::nullopt, from_env.cpu_offload, false, "cpu_offload", src);
-  TORCH_CHECK(!offload, "accelerate: FSDP cpu_offload (parameter offload)",
+  TORCH_CHECK(!offload || c.stage == 3, "accelerate: FSDP cpu_offload (parameter offload)",
               source_note(src["cpu_offload"], env::kFsdpOffloadParams),
-              " is not available yet: it comes with parameter sharding (FULL_SHARD)");
+              " needs sharding_strategy FULL_SHARD (parameters are whole with ",
+              to_string(strategy), ")");
+  c.full_shard.cpu_offload = offload;
   c.state_dict_type =
       pick<StateDictType>(given.state_dict_type, std::nullopt, from_env.state_dict_type,
                           StateDictType::FULL_STATE_DICT, "state_dict_type", src);
@@ -162,12 +163,46 @@ void resolve_fsdp(const FullyShardedDataParallelPlugin& given, const EnvMap& env
               " is not supported; use FULL_STATE_DICT or SHARDED_STATE_DICT");
   c.sync_module_states = pick<bool>(given.sync_module_states, std::nullopt,
                                     from_env.sync_module_states, true, "sync_module_states", src);
-  // Validated now so that a typo fails at start, not when stage 3 reads it.
+  c.full_shard.sync_module_states = c.sync_module_states;
+  // Validated even below stage 3, so that a typo fails at start.
   FullyShardedDataParallelPlugin merged = from_env;
   if (given.auto_wrap_policy) merged.auto_wrap_policy = given.auto_wrap_policy;
   if (given.backward_prefetch) merged.backward_prefetch = given.backward_prefetch;
   if (given.min_num_params) merged.min_num_params = given.min_num_params;
   check_fsdp_choices(merged);
+  // Accelerate's defaults: no auto wrap, no backward prefetch, min_num_params 1e8.
+  auto& o = c.full_shard;
+  o.auto_wrap_policy =
+      pick<std::string>(given.auto_wrap_policy, std::nullopt, from_env.auto_wrap_policy, "NO_WRAP",
+                        "auto_wrap_policy", src);
+  const int64_t min_params = pick<int64_t>(given.min_num_params, std::nullopt,
+                                           from_env.min_num_params, 0, "min_num_params", src);
+  o.min_num_params = min_params > 0 ? min_params : 100000000;
+  o.transformer_layer_cls_to_wrap = pick<std::vector<std::string>>(
+      given.transformer_layer_cls_to_wrap, std::nullopt, from_env.transformer_layer_cls_to_wrap, {},
+      "transformer_layer_cls_to_wrap", src);
+  TORCH_CHECK(
+      o.auto_wrap_policy != "TRANSFORMER_BASED_WRAP" || !o.transformer_layer_cls_to_wrap.empty(),
+      "accelerate: FSDP auto_wrap_policy TRANSFORMER_BASED_WRAP needs "
+      "transformer_layer_cls_to_wrap (",
+      env::kFsdpTransformerClsToWrap, "): the type names of the layers to wrap");
+  o.backward_prefetch = backward_prefetch_from_string(
+      pick<std::string>(given.backward_prefetch, std::nullopt, from_env.backward_prefetch,
+                        "NO_PREFETCH", "backward_prefetch", src));
+  o.forward_prefetch = pick<bool>(given.forward_prefetch, std::nullopt, from_env.forward_prefetch,
+                                  false, "forward_prefetch", src);
+  c.cpu_ram_efficient_loading =
+      pick<bool>(given.cpu_ram_efficient_loading, std::nullopt, from_env.cpu_ram_efficient_loading,
+                 false, "cpu_ram_efficient_loading", src);
+  TORCH_CHECK(!c.cpu_ram_efficient_loading || c.sync_module_states,
+              "accelerate: FSDP cpu_ram_efficient_loading needs sync_module_states (as in "
+              "Accelerate): the other processes receive their shards from process 0");
+  const bool checkpointing =
+      pick<bool>(given.activation_checkpointing, std::nullopt, from_env.activation_checkpointing,
+                 false, "activation_checkpointing", src);
+  TORCH_CHECK(!checkpointing, "accelerate: FSDP activation_checkpointing",
+              source_note(src["activation_checkpointing"], env::kFsdpActivationCheckpointing),
+              " is not supported (LibTorch has no checkpoint wrapper)");
 }
 
 void resolve_deepspeed(const DeepSpeedPlugin& given, const EnvMap& env, ShardingConfig& c) {
@@ -214,8 +249,13 @@ void resolve_deepspeed(const DeepSpeedPlugin& given, const EnvMap& env, Sharding
   const std::string where = source_note(src["zero_stage"], env::kDeepSpeedZeroStage);
   TORCH_CHECK(c.stage >= 0 && c.stage <= 3,
               "accelerate: DeepSpeed zero_stage must be 0, 1, 2 or 3, got ", c.stage, where);
-  TORCH_CHECK(c.stage != 3, "accelerate: DeepSpeed zero_stage 3", where,
-              " (parameter sharding) is not available yet; use 1 or 2");
+  if (c.stage == 3) {
+    // DeepSpeed gathers each submodule's parameters and keeps small ones whole
+    // (stage3_param_persistence_threshold, default 1e5): the closest unit rule is by size.
+    c.full_shard.auto_wrap_policy = "SIZE_BASED_WRAP";
+    c.full_shard.min_num_params = 100000;
+    c.full_shard.backward_prefetch = BackwardPrefetch::BACKWARD_PRE;
+  }
 
   std::optional<int64_t> env_accumulation;
   if (auto v = env_int(env, env::kGradientAccumulationSteps)) env_accumulation = *v;
@@ -261,9 +301,10 @@ void resolve_deepspeed(const DeepSpeedPlugin& given, const EnvMap& env, Sharding
              env::kDeepSpeedOffloadOptimizerDevice, "offload_optimizer_device") == "cpu";
   const std::string param = device(given.offload_param_device, j.offload_param_device,
                                    env::kDeepSpeedOffloadParamDevice, "offload_param_device");
-  TORCH_CHECK(param == "none", "accelerate: DeepSpeed offload_param_device ", param,
+  TORCH_CHECK(param == "none" || c.stage == 3, "accelerate: DeepSpeed offload_param_device ", param,
               source_note(src["offload_param_device"], env::kDeepSpeedOffloadParamDevice),
-              " is not available yet: it comes with parameter sharding (stage 3)");
+              " needs zero_stage 3 (parameters are whole at stage ", c.stage, ")");
+  c.full_shard.cpu_offload = param == "cpu";
   c.zero3_save_16bit_model = pick<bool>(given.zero3_save_16bit_model, j.zero3_save_16bit_model,
                                         env_bool(env, env::kDeepSpeedZero3Save16BitModel), false,
                                         "zero3_save_16bit_model", src);
@@ -312,6 +353,15 @@ std::string ShardingConfig::describe() const {
   if (engine == "deepspeed") {
     line("offload_optimizer_device", offload_optimizer ? "cpu" : "none");
     line("gradient_clipping", gradient_clipping ? std::to_string(*gradient_clipping) : "none");
+  }
+  if (stage == 3) {
+    line("auto_wrap_policy", full_shard.auto_wrap_policy);
+    if (full_shard.auto_wrap_policy == "SIZE_BASED_WRAP") {
+      line("min_num_params", full_shard.min_num_params);
+    }
+    line("backward_prefetch", to_string(full_shard.backward_prefetch));
+    line("forward_prefetch", full_shard.forward_prefetch ? "true" : "false");
+    line("cpu_offload", full_shard.cpu_offload ? "true" : "false");
   }
   return out.str();
 }

@@ -245,6 +245,7 @@ struct Mapping {
 struct Plan {
   std::string header;            // length prefix, JSON and padding
   std::vector<at::Tensor> data;  // contiguous CPU tensors in data-buffer order
+  std::vector<size_t> order;     // the index (in the caller's list) of each data entry
 };
 
 Plan plan(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
@@ -264,7 +265,8 @@ Plan plan(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "tensor ", quoted(name), ": ", e.what_without_backtrace());
     }
-    contiguous.push_back(tensor.detach().to(at::kCPU).contiguous());
+    // A meta tensor stands for one whose data comes later (save_file_streaming).
+    contiguous.push_back(tensor.is_meta() ? tensor : tensor.detach().to(at::kCPU).contiguous());
   }
 
   // Larger elements first keeps every tensor aligned for its dtype (sizes are powers of two and
@@ -282,6 +284,7 @@ Plan plan(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
     offsets[i] = {position, position + nbytes};
     position += nbytes;
     result.data.push_back(contiguous[i]);
+    result.order.push_back(i);
   }
 
   Json json = Json::object();
@@ -426,8 +429,46 @@ void save_file(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
   detail::write_file_atomically(path, pieces);
 }
 
+void detail::save_file_streaming(const std::vector<std::pair<std::string, at::Tensor>>& specs,
+                                 const std::string& path,
+                                 const std::map<std::string, std::string>& metadata,
+                                 const std::function<at::Tensor(size_t)>& fetch, bool write) {
+  TORCH_CHECK(!path.empty(), "save_file needs a non-empty path");
+  std::vector<std::pair<std::string, at::Tensor>> shapes;
+  shapes.reserve(specs.size());
+  for (const auto& [name, t] : specs) {
+    TORCH_CHECK(t.defined(), "tensor ", quoted(name), " is undefined");
+    shapes.emplace_back(name, at::empty(t.sizes(), t.options().device(at::kMeta)));
+  }
+  const Plan p = plan(shapes, metadata);
+  if (!write) {
+    for (size_t i : p.order) (void)fetch(i);
+    return;
+  }
+  write_file_atomically_with(path, [&](const std::function<void(const char*, size_t)>& write) {
+    write(p.header.data(), p.header.size());
+    for (size_t k = 0; k < p.order.size(); ++k) {
+      const size_t i = p.order[k];
+      const at::Tensor t = fetch(i).detach().to(at::kCPU).contiguous();
+      TORCH_CHECK(t.sizes() == p.data[k].sizes() && t.scalar_type() == p.data[k].scalar_type(),
+                  "tensor ", quoted(specs[i].first), " has shape ", t.sizes(), " and dtype ",
+                  t.scalar_type(), ", announced as ", p.data[k].sizes(), " ",
+                  p.data[k].scalar_type());
+      write(static_cast<const char*>(t.data_ptr()), t.nbytes());
+    }
+  });
+}
+
 void detail::write_file_atomically(const std::string& path,
                                    const std::vector<std::pair<const char*, size_t>>& pieces) {
+  write_file_atomically_with(path, [&](const std::function<void(const char*, size_t)>& write) {
+    for (const auto& [data, size] : pieces) write(data, size);
+  });
+}
+
+void detail::write_file_atomically_with(
+    const std::string& path,
+    const std::function<void(const std::function<void(const char*, size_t)>&)>& produce) {
   TORCH_CHECK(!path.empty(), "write_file_atomically needs a non-empty path");
   // A name unique to this process and call, so that concurrent writers of the same path never
   // share a temporary file.
@@ -438,7 +479,7 @@ void detail::write_file_atomically(const std::string& path,
   FileDescriptor fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
   TORCH_CHECK(fd.get() >= 0, "cannot create ", quoted(temp), ": ", errno_text());
   try {
-    for (const auto& [data, size] : pieces) write_all(fd.get(), data, size, temp);
+    produce([&](const char* data, size_t size) { write_all(fd.get(), data, size, temp); });
     TORCH_CHECK(::fsync(fd.get()) == 0, "cannot fsync ", quoted(temp), ": ", errno_text());
     TORCH_CHECK(::close(fd.release()) == 0, "cannot close ", quoted(temp), ": ", errno_text());
     TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "cannot rename ", quoted(temp), " to ",

@@ -214,8 +214,8 @@ ZeroOptimizer::ZeroOptimizer(torch::optim::Optimizer& optimizer,
           std::make_unique<Impl>(optimizer, std::move(synchronizers), std::move(state), options)) {
   auto& m = *impl_;
   TORCH_CHECK(m.state != nullptr, "accelerate: ZeroOptimizer: the state is null");
-  TORCH_CHECK(options.stage == 1 || options.stage == 2,
-              "accelerate: ZeroOptimizer: stage must be 1 or 2, got ", options.stage);
+  TORCH_CHECK(options.stage >= 1 && options.stage <= 3,
+              "accelerate: ZeroOptimizer: stage must be 1, 2 or 3, got ", options.stage);
   const OptimizerStateDict before = optimizer_state_dict(optimizer);
   m.kind = before.metadata.at("optimizer");
   TORCH_CHECK(
@@ -254,6 +254,16 @@ ZeroOptimizer::ZeroOptimizer(torch::optim::Optimizer& optimizer,
       m.full_params.push_back(p);
       m.full_group.push_back(g);
       m.piece_of_full.emplace_back();
+      for (size_t e = 0; e < f; ++e) {
+        // LibTorch's parameters() lists a tied weight under each of its names; an optimizer
+        // given it twice steps it twice with one state. Sharded, the two would get two states:
+        // refuse rather than train differently.
+        TORCH_CHECK(!m.full_params[e].is_same(p),
+                    "accelerate: ZeRO: the optimizer lists one "
+                    "tensor twice (parameters ",
+                    e, " and ", f, ", shape ", p.sizes(),
+                    "; a tied weight?); give the optimizer each parameter once");
+      }
       auto it = places.find(p.unsafeGetTensorImpl());
       TORCH_CHECK(it != places.end(), "accelerate: ZeRO: the optimizer's parameter ", f,
                   " (param group ", g, ", shape ", p.sizes(),
@@ -277,8 +287,14 @@ ZeroOptimizer::ZeroOptimizer(torch::optim::Optimizer& optimizer,
       piece.bucket = place.bucket;
       piece.sync_param = place.index;
       piece.shard_offset = a - lo;
-      piece.view = p.detach().view(-1).narrow(0, piece.start, piece.length);
-      if (options.offload_optimizer && p.is_cuda()) {
+      if (options.stage == 3) {
+        // The parameter itself is gathered only around its unit's use: the optimizer steps
+        // the unit's shard, the master copy, in its own dtype and place (the CPU with offload).
+        piece.view = m.syncs[place.sync]->parameter_shard(place.bucket).narrow(0, a - lo, b - a);
+      } else {
+        piece.view = p.detach().view(-1).narrow(0, piece.start, piece.length);
+      }
+      if (options.offload_optimizer && piece.view.is_cuda()) {
         piece.on_device = piece.view;
         piece.view = at::empty({piece.length}, p.options().device(at::kCPU).pinned_memory(true));
         piece.view.copy_(piece.on_device);
@@ -368,13 +384,17 @@ void ZeroOptimizer::step(const std::function<bool()>& inner) {
     }
   }
   // Every process takes the same decision (a loss scaler agrees on inf/NaN before it steps).
-  if (stepped) m.gather_parameters();
+  if (stepped && m.options.stage == 3) {
+    for (auto* sync : m.syncs) sync->parameters_updated();
+  } else if (stepped) {
+    m.gather_parameters();
+  }
 }
 
 void ZeroOptimizer::zero_grad() {
   auto& m = *impl_;
   for (auto& p : m.pieces) p.view.mutable_grad().reset();
-  if (m.options.stage == 2) {
+  if (m.options.stage >= 2) {
     for (auto* sync : m.syncs) sync->release_gradient_shards();
   }
 }

@@ -17,6 +17,7 @@
 #include <accelerate/compat.h>
 #include <accelerate/data.h>
 #include <accelerate/environment.h>
+#include <accelerate/fsdp.h>
 #include <accelerate/logging.h>
 #include <accelerate/memory.h>
 #include <accelerate/operations.h>

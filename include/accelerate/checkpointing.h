@@ -19,6 +19,7 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -55,14 +56,26 @@ ShardPlan shard_checkpoint(const std::vector<std::pair<std::string, at::Tensor>>
                            int64_t max_shard_size);
 
 /// The model's parameters and buffers by name, with tensors that share storage (tied weights)
-/// kept once under their first name.
+/// kept once under their first name. For a fully sharded model (fsdp.h) it is collective and
+/// returns whole copies, gathered one unit at a time.
 std::vector<std::pair<std::string, at::Tensor>> model_state(const torch::nn::Module& model);
 
 /// Writes the model's weights into `directory` (created if needed); returns the files written.
 /// Stale shards of an earlier save with another shard count are removed after the new files
-/// are in place. Every file is written atomically.
+/// are in place. Every file is written atomically. For a fully sharded model (fsdp.h) every
+/// process must call it (each gathers one unit at a time), and every caller writes: use
+/// Accelerator::save_model, which writes on the main process only.
 std::vector<std::string> save_model(const torch::nn::Module& model, const std::string& directory,
                                     const SaveModelOptions& options = {});
+
+namespace detail {
+/// save_model for tensors produced one at a time: `tensors` gives names, shapes and dtypes,
+/// `fetch(i)` the values of tensors[i] when they are written; processes with `write` false only
+/// call `fetch` in the same order (they take part in producing the tensors).
+std::vector<std::string> save_model_streaming(
+    const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& directory,
+    const SaveModelOptions& options, const std::function<at::Tensor(size_t)>& fetch, bool write);
+}  // namespace detail
 
 /// Options for load_checkpoint_in_model.
 struct LoadCheckpointOptions {

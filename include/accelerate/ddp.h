@@ -117,8 +117,11 @@ struct GradientBucketLayout {
   std::vector<int64_t> offsets;
 };
 
+struct FullyShardedOptions;  // fsdp.h
+
 namespace detail {
 struct SyncCore;
+struct FullShardCore;
 }  // namespace detail
 
 class GradientSynchronizer;
@@ -190,6 +193,13 @@ class GradientSynchronizer {
   GradientSynchronizer(std::shared_ptr<torch::nn::Module> module,
                        std::shared_ptr<PartialState> state,
                        DistributedDataParallelKwargs kwargs = {});
+  /// Full parameter sharding (FSDP FULL_SHARD, ZeRO stage 3; fsdp.h): `module`'s trainable
+  /// parameters are split into units by `options`' wrap policy and sharded; every process keeps
+  /// 1/N of each unit. Then gradient_sharding_stage() is 3, each "bucket" of bucket_layout() is
+  /// a unit, gradient_shard() its averaged gradient shard and parameter_shard() its parameter
+  /// shard. Collective; restores the module's Sequential forward chains when destroyed.
+  GradientSynchronizer(std::shared_ptr<torch::nn::Module> module,
+                       std::shared_ptr<PartialState> state, const FullyShardedOptions& options);
   GradientSynchronizer(const GradientSynchronizer&) = delete;
   GradientSynchronizer& operator=(const GradientSynchronizer&) = delete;
   GradientSynchronizer(GradientSynchronizer&&) noexcept = default;
@@ -243,6 +253,14 @@ class GradientSynchronizer {
   /// Whether no process used parameter `index` in the last synchronization
   /// (find_unused_parameters only; always false otherwise).
   bool parameter_unused(size_t index) const;
+  /// Stage 3: this process's shard of unit `bucket`'s parameters, shard_numel long (the tail
+  /// past the unit's end is padding): what the optimizer steps. Undefined below stage 3.
+  at::Tensor parameter_shard(size_t bucket) const;
+  /// Stage 3: the shards changed (an optimizer step or a load); units that stay whole are
+  /// gathered again. Collective. A no-op below stage 3.
+  void parameters_updated();
+  /// Stage 3's engine (fsdp.h), or null.
+  const std::shared_ptr<detail::FullShardCore>& full_shard() const { return full_; }
 
   // ------------------------------------------------------------------ introspection
   /// The names (from named_parameters()) of the parameters in each bucket, in launch order.
@@ -254,6 +272,7 @@ class GradientSynchronizer {
  private:
   DistributedDataParallelKwargs kwargs_;
   std::shared_ptr<detail::SyncCore> core_;
+  std::shared_ptr<detail::FullShardCore> full_;
 };
 
 }  // namespace accelerate

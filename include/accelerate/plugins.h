@@ -5,8 +5,8 @@
 ///
 /// Stages, as ZeRO numbers them: 0 = today's data parallelism (every process holds everything);
 /// 1 = each process keeps the optimizer state of its shard of the parameters only; 2 = the
-/// averaged gradients too (FSDP's SHARD_GRAD_OP); 3 = the parameters too (FSDP's FULL_SHARD; not
-/// yet available, a clear error). FSDP's NO_SHARD is stage 0.
+/// averaged gradients too (FSDP's SHARD_GRAD_OP); 3 = the parameters too (FSDP's FULL_SHARD,
+/// fsdp.h). FSDP's NO_SHARD is stage 0.
 ///
 /// Fields left unset come from the environment `accelerate launch` writes (env_names.h), else
 /// from Accelerate's defaults: explicit > environment (which carries the config file) > default.
@@ -20,6 +20,7 @@
 /// \endcode
 
 #include <accelerate/environment.h>
+#include <accelerate/fsdp.h>
 
 #include <cstdint>
 #include <map>
@@ -58,17 +59,20 @@ StateDictType state_dict_type_from_string(const std::string& text);
 struct FullyShardedDataParallelPlugin {
   /// Default FULL_SHARD, as Accelerate (`FSDP_SHARDING_STRATEGY`).
   std::optional<ShardingStrategy> sharding_strategy;
-  /// Offload parameters (and their gradients) to the CPU (`FSDP_OFFLOAD_PARAMS`, default false).
+  /// Offload parameters (and their gradients) to the CPU (`FSDP_OFFLOAD_PARAMS`, default false;
+  /// FULL_SHARD only).
   std::optional<bool> cpu_offload;
   /// Default FULL_STATE_DICT (`FSDP_STATE_DICT_TYPE`). LOCAL_STATE_DICT is not supported.
   std::optional<StateDictType> state_dict_type;
   /// Start every process from process 0's parameters and buffers (`FSDP_SYNC_MODULE_STATES`,
-  /// default true). Data-parallel preparation always does this; false is accepted and has no
-  /// effect on the stages available today.
+  /// default true). Stages 0-2 always do this; FULL_SHARD skips the broadcast when false.
   std::optional<bool> sync_module_states;
-  /// Wrapping and prefetch settings of full parameter sharding, accepted and validated; they
-  /// take effect with stage 3. `auto_wrap_policy`: TRANSFORMER_BASED_WRAP, SIZE_BASED_WRAP or
-  /// NO_WRAP; `backward_prefetch`: BACKWARD_PRE, BACKWARD_POST or NO_PREFETCH.
+  /// Wrapping and prefetch settings of FULL_SHARD (fsdp.h), with Accelerate's defaults:
+  /// `auto_wrap_policy` TRANSFORMER_BASED_WRAP, SIZE_BASED_WRAP or NO_WRAP (default);
+  /// `min_num_params` (default 1e8); `backward_prefetch` BACKWARD_PRE, BACKWARD_POST or
+  /// NO_PREFETCH (default); `forward_prefetch` (default false). `use_orig_params` is accepted
+  /// (parameters always stay the module's own tensors); `cpu_ram_efficient_loading` makes only
+  /// process 0 read checkpoints of the model; `activation_checkpointing` is refused.
   std::optional<std::string> auto_wrap_policy;
   std::optional<int64_t> min_num_params;
   std::optional<std::vector<std::string>> transformer_layer_cls_to_wrap;
@@ -89,7 +93,8 @@ struct FullyShardedDataParallelPlugin {
 ///   accelerate::DeepSpeedPlugin from_file{.hf_ds_config = "ds_config.json"};
 /// \endcode
 struct DeepSpeedPlugin {
-  /// 0, 1 or 2 (3 is not available yet). Default 2, as Accelerate.
+  /// 0, 1, 2 or 3. Default 2, as Accelerate. Stage 3 units are chosen by size (submodules of at
+  /// least 1e5 parameters, DeepSpeed's persistence threshold).
   std::optional<int> zero_stage;
   /// Becomes the Accelerator's gradient_accumulation_steps (they must agree if both are given).
   std::optional<int64_t> gradient_accumulation_steps;
@@ -98,7 +103,7 @@ struct DeepSpeedPlugin {
   /// "none" or "cpu" ("nvme" is refused). "cpu" keeps shards and optimizer state in (pinned)
   /// CPU memory; on a CPU-only run there is nothing to move and it says so once.
   std::optional<std::string> offload_optimizer_device;
-  /// "none" only until full parameter sharding lands.
+  /// "none" or "cpu" (stage 3 only).
   std::optional<std::string> offload_param_device;
   std::optional<std::string> offload_optimizer_nvme_path;
   std::optional<std::string> offload_param_nvme_path;
@@ -114,8 +119,13 @@ struct DeepSpeedPlugin {
 struct ShardingConfig {
   /// "none" (plain data parallelism), "fsdp" or "deepspeed".
   std::string engine = "none";
-  /// ZeRO stage: 0, 1 or 2.
+  /// ZeRO stage: 0, 1, 2 or 3.
   int stage = 0;
+  /// Stage 3's settings (wrap policy, prefetch, offload; the mixed-precision policy is filled
+  /// by the Accelerator from its mixed_precision).
+  FullyShardedOptions full_shard;
+  /// FSDP cpu_ram_efficient_loading: only process 0 reads a model checkpoint.
+  bool cpu_ram_efficient_loading = false;
   /// FSDP's strategy (FSDP only), for printing.
   std::optional<ShardingStrategy> sharding_strategy;
   /// How save_state writes the sharded optimizer state: SHARDED_STATE_DICT writes one file per
@@ -140,8 +150,8 @@ struct ShardingConfig {
 
 /// Resolves the plugins (given as AcceleratorOptions fields) with the environment. Errors are one
 /// line naming the bad value and where it came from: both plugins, an unknown strategy, stage 4,
-/// nvme offload, FULL_SHARD / stage 3 / parameter offload (not available yet), an unknown key
-/// in the DeepSpeed JSON.
+/// nvme offload, parameter offload below stage 3, HYBRID_SHARD, activation checkpointing, an
+/// unknown key in the DeepSpeed JSON.
 ///
 /// Example:
 /// \code

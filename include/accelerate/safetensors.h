@@ -25,6 +25,7 @@
 #include <torch/ordered_dict.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -152,6 +153,19 @@ std::vector<std::pair<std::string, at::Tensor>> items_of(
 /// Shared by every file the checkpointing code writes.
 void write_file_atomically(const std::string& path,
                            const std::vector<std::pair<const char*, size_t>>& pieces);
+/// The same with the bytes handed to `write` by `produce`, piece by piece.
+void write_file_atomically_with(
+    const std::string& path,
+    const std::function<void(const std::function<void(const char*, size_t)>&)>& produce);
+/// save_file for tensors produced one at a time: `specs` gives names, shapes and dtypes (their
+/// data is not read), `fetch(i)` the data of specs[i] when it is written. The bytes are those
+/// save_file writes for the same tensors; at most one fetched tensor is alive at a time. With
+/// `write` false nothing is written but `fetch` is called in the same order (for processes
+/// that take part in producing the tensors).
+void save_file_streaming(const std::vector<std::pair<std::string, at::Tensor>>& specs,
+                         const std::string& path,
+                         const std::map<std::string, std::string>& metadata,
+                         const std::function<at::Tensor(size_t)>& fetch, bool write = true);
 }  // namespace detail
 
 // The OrderedDict overloads are templates only so that a braced list such as

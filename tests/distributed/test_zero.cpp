@@ -450,9 +450,10 @@ TEST(Zero, BadPluginValuesFailOnEveryProcess) {
              "offload_optimizer_device nvme is not supported"},
             {[](auto& o) {
                o.fsdp_plugin = FullyShardedDataParallelPlugin{
-                   .sharding_strategy = accelerate::ShardingStrategy::FULL_SHARD};
+                   .sharding_strategy = accelerate::ShardingStrategy::HYBRID_SHARD};
              },
-             "FULL_SHARD (parameter sharding, ZeRO-3) is not available yet"},
+             "HYBRID_SHARD (sharding within a machine, replication across machines) is not "
+             "available"},
             {[](auto& o) {
                o.fsdp_plugin = FullyShardedDataParallelPlugin{};
                o.deepspeed_plugin = DeepSpeedPlugin{};

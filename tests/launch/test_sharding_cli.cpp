@@ -312,8 +312,8 @@ TEST(ShardingLaunch, GradientClippingIsWrittenAsPythonWritesAFloat) {
   }
 }
 
-// Valid for Accelerate but beyond the engine (full sharding, stage 3, nvme): the launcher passes
-// them on and leaves the refusal to the library.
+// Valid for Accelerate but beyond the engine (LOCAL_STATE_DICT, nvme): the launcher passes them
+// on and leaves the refusal to the library.
 TEST(ShardingLaunch, ValuesTheEngineMayLackArePassedOn) {
   auto r = launch_env({"--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
                        "--fsdp_state_dict_type", "LOCAL_STATE_DICT"});

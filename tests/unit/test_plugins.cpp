@@ -44,6 +44,7 @@ TEST(Plugins, FsdpStrategiesMapToStages) {
                             EnvMap{})
         .stage;
   };
+  EXPECT_EQ(stage(ShardingStrategy::FULL_SHARD), 3);
   EXPECT_EQ(stage(ShardingStrategy::SHARD_GRAD_OP), 2);
   EXPECT_EQ(stage(ShardingStrategy::NO_SHARD), 0);
   // By name or PyTorch's number, from the environment accelerate launch writes.
@@ -69,11 +70,60 @@ TEST(Plugins, FsdpStrategiesMapToStages) {
       << e.describe();
 }
 
+TEST(Plugins, FullShardIsStageThreeWithAccelerateDefaults) {
+  // Accelerate's default strategy is FULL_SHARD: no auto wrap, no backward prefetch.
+  auto c = resolve_sharding(std::nullopt, std::nullopt, EnvMap{{"ACCELERATE_USE_FSDP", "true"}});
+  EXPECT_EQ(c.stage, 3);
+  EXPECT_EQ(c.full_shard.auto_wrap_policy, "NO_WRAP");
+  EXPECT_EQ(c.full_shard.min_num_params, 100000000);
+  EXPECT_EQ(c.full_shard.backward_prefetch, accelerate::BackwardPrefetch::NO_PREFETCH);
+  EXPECT_FALSE(c.full_shard.forward_prefetch);
+  EXPECT_FALSE(c.full_shard.cpu_offload);
+  EXPECT_TRUE(c.full_shard.sync_module_states);
+  // What `accelerate launch --use_fsdp ...` writes.
+  c = resolve_sharding(std::nullopt, std::nullopt,
+                       EnvMap{{"ACCELERATE_USE_FSDP", "true"},
+                              {"FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"},
+                              {"FSDP_TRANSFORMER_CLS_TO_WRAP", "Block,Other"},
+                              {"FSDP_BACKWARD_PREFETCH", "BACKWARD_POST"},
+                              {"FSDP_FORWARD_PREFETCH", "true"},
+                              {"FSDP_OFFLOAD_PARAMS", "true"},
+                              {"FSDP_CPU_RAM_EFFICIENT_LOADING", "true"}});
+  EXPECT_EQ(c.full_shard.auto_wrap_policy, "TRANSFORMER_BASED_WRAP");
+  EXPECT_EQ(c.full_shard.transformer_layer_cls_to_wrap,
+            (std::vector<std::string>{"Block", "Other"}));
+  EXPECT_EQ(c.full_shard.backward_prefetch, accelerate::BackwardPrefetch::BACKWARD_POST);
+  EXPECT_TRUE(c.full_shard.forward_prefetch);
+  EXPECT_TRUE(c.full_shard.cpu_offload);
+  EXPECT_TRUE(c.cpu_ram_efficient_loading);
+  c = resolve_sharding(std::nullopt,
+                       DeepSpeedPlugin{.zero_stage = 3, .offload_param_device = "cpu"}, EnvMap{});
+  EXPECT_EQ(c.stage, 3);
+  EXPECT_EQ(c.full_shard.auto_wrap_policy, "SIZE_BASED_WRAP");
+  EXPECT_EQ(c.full_shard.min_num_params, 100000);
+  EXPECT_TRUE(c.full_shard.cpu_offload);
+}
+
 TEST(Plugins, FsdpValuesThatCannotRunAreOneLineErrors) {
-  // Accelerate's default strategy is FULL_SHARD, which needs parameter sharding.
   EXPECT_ERROR_CONTAINS(
-      resolve_sharding(std::nullopt, std::nullopt, EnvMap{{"ACCELERATE_USE_FSDP", "true"}}),
-      "FSDP sharding_strategy FULL_SHARD (parameter sharding, ZeRO-3) is not available yet");
+      resolve_sharding(
+          FullyShardedDataParallelPlugin{.sharding_strategy = ShardingStrategy::SHARD_GRAD_OP,
+                                         .cpu_offload = true},
+          std::nullopt, EnvMap{}),
+      "FSDP cpu_offload (parameter offload) needs sharding_strategy FULL_SHARD");
+  EXPECT_ERROR_CONTAINS(
+      resolve_sharding(FullyShardedDataParallelPlugin{.auto_wrap_policy = "TRANSFORMER_BASED_WRAP"},
+                       std::nullopt, EnvMap{}),
+      "TRANSFORMER_BASED_WRAP needs transformer_layer_cls_to_wrap");
+  EXPECT_ERROR_CONTAINS(
+      resolve_sharding(FullyShardedDataParallelPlugin{.sync_module_states = false,
+                                                      .cpu_ram_efficient_loading = true},
+                       std::nullopt, EnvMap{}),
+      "cpu_ram_efficient_loading needs sync_module_states");
+  EXPECT_ERROR_CONTAINS(
+      resolve_sharding(FullyShardedDataParallelPlugin{.activation_checkpointing = true},
+                       std::nullopt, EnvMap{}),
+      "FSDP activation_checkpointing is not supported");
   EXPECT_ERROR_CONTAINS(resolve_sharding(std::nullopt, std::nullopt,
                                          EnvMap{{"ACCELERATE_USE_FSDP", "true"},
                                                 {"FSDP_SHARDING_STRATEGY", "ZERO_SHARD"}}),
@@ -84,8 +134,8 @@ TEST(Plugins, FsdpValuesThatCannotRunAreOneLineErrors) {
                                          EnvMap{{"ACCELERATE_USE_FSDP", "true"},
                                                 {"FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP"},
                                                 {"FSDP_OFFLOAD_PARAMS", "true"}}),
-                        "FSDP cpu_offload (parameter offload) (from FSDP_OFFLOAD_PARAMS) is not "
-                        "available yet");
+                        "FSDP cpu_offload (parameter offload) (from FSDP_OFFLOAD_PARAMS) needs "
+                        "sharding_strategy FULL_SHARD");
   EXPECT_ERROR_CONTAINS(
       resolve_sharding(
           FullyShardedDataParallelPlugin{.sharding_strategy = ShardingStrategy::HYBRID_SHARD_ZERO2},
@@ -132,17 +182,13 @@ TEST(Plugins, DeepSpeedStagesAndSources) {
 TEST(Plugins, DeepSpeedValuesThatCannotRunAreOneLineErrors) {
   EXPECT_ERROR_CONTAINS(resolve_sharding(std::nullopt, DeepSpeedPlugin{.zero_stage = 4}, EnvMap{}),
                         "DeepSpeed zero_stage must be 0, 1, 2 or 3, got 4");
-  EXPECT_ERROR_CONTAINS(resolve_sharding(std::nullopt, std::nullopt,
-                                         EnvMap{{"ACCELERATE_USE_DEEPSPEED", "true"},
-                                                {"ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"}}),
-                        "DeepSpeed zero_stage 3 (from ACCELERATE_DEEPSPEED_ZERO_STAGE) (parameter "
-                        "sharding) is not available yet");
+
   EXPECT_ERROR_CONTAINS(
       resolve_sharding(std::nullopt, DeepSpeedPlugin{.offload_optimizer_device = "nvme"}, EnvMap{}),
       "DeepSpeed offload_optimizer_device nvme is not supported (no NVMe offload engine)");
   EXPECT_ERROR_CONTAINS(
       resolve_sharding(std::nullopt, DeepSpeedPlugin{.offload_param_device = "cpu"}, EnvMap{}),
-      "DeepSpeed offload_param_device cpu is not available yet");
+      "DeepSpeed offload_param_device cpu needs zero_stage 3 (parameters are whole at stage 2)");
   EXPECT_ERROR_CONTAINS(
       resolve_sharding(std::nullopt, DeepSpeedPlugin{.offload_optimizer_device = "disk"}, EnvMap{}),
       "offload_optimizer_device must be none, cpu or nvme, got \"disk\"");
