@@ -222,8 +222,7 @@ int64_t data_kb() {
   return 0;
 }
 
-int budget_part(accelerate::PartialState& state, int64_t budget_mb, bool ddp) {
-  const int64_t width = 2560;
+int budget_part(accelerate::PartialState& state, int64_t budget_mb, bool ddp, int64_t width) {
   accelerate::AcceleratorOptions o;
   if (!ddp) o = fsdp_options(width * width / 2, "BACKWARD_PRE", false);
   accelerate::Accelerator acc(o);
@@ -248,11 +247,13 @@ int budget_part(accelerate::PartialState& state, int64_t budget_mb, bool ddp) {
     auto [m, opt] = acc.prepare(model, adamw);
     const auto x = at::randn({16, width});
     for (int i = 0; i < 3; ++i) {
+      const auto start = Clock::now();
       auto loss = torch::mse_loss(m->forward(x), x);
       acc.backward(loss);
       opt.step();
       opt.zero_grad();
-      state.print("budget step ", i, ": loss ", loss.item<double>(), ", data size ",
+      state.print("budget step ", i, ": loss ", loss.item<double>(), ", ",
+                  std::chrono::duration<double>(Clock::now() - start).count(), " s, data size ",
                   (data_kb() - base_kb) / 1024, " MB above the start");
     }
   } catch (const std::exception& e) {
@@ -272,6 +273,7 @@ int main(int argc, char** argv) {
   std::string part = "memory";
   int steps = 20, reps = 3;
   int64_t budget_mb = 600;
+  int64_t width = 2560;
   bool ddp = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -281,6 +283,7 @@ int main(int argc, char** argv) {
     if (a == "--steps") steps = std::atoi(argv[i + 1]);
     if (a == "--reps") reps = std::atoi(argv[i + 1]);
     if (a == "--budget_mb") budget_mb = std::atoll(argv[i + 1]);
+    if (a == "--width") width = std::atoll(argv[i + 1]);
   }
   auto& state = accelerate::PartialState::shared();
   const char* threads = std::getenv("OMP_NUM_THREADS");
@@ -288,6 +291,6 @@ int main(int argc, char** argv) {
               at::get_num_threads(), " (OMP_NUM_THREADS=", threads ? threads : "unset", ")");
   if (part == "memory") memory_part(state, 5);
   if (part == "time") time_part(state, steps, reps);
-  if (part == "budget") return budget_part(state, budget_mb, ddp);
+  if (part == "budget") return budget_part(state, budget_mb, ddp, width);
   return 0;
 }

@@ -579,7 +579,14 @@ void FullShardCore::post_forward(size_t ui, bool hooked) {
   // Without a hook on the outputs, backward could not gather the unit again: it stays
   // gathered until its gradients are done.
   const bool backward_possible = torch::autograd::GradMode::is_enabled();
-  if (options.reshard_after_forward && (hooked || !backward_possible)) reshard(ui);
+  // The last unit of the forward is the first of the backward: freeing it would only gather it
+  // again at once (PyTorch's FSDP keeps its root unit for the same reason). It is freed when its
+  // gradients are done.
+  const bool next_in_backward =
+      backward_possible && order_recorded && !forward_order.empty() && forward_order.back() == ui;
+  if (options.reshard_after_forward && (hooked || !backward_possible) && !next_in_backward) {
+    reshard(ui);
+  }
 }
 
 void FullShardCore::queue_finalize() {
@@ -660,13 +667,16 @@ void FullShardCore::launch_reduce_scatter(size_t ui) {
   torch::NoGradGuard no_grad;
   at::Tensor send =
       at::empty({world * u.shard_numel}, at::TensorOptions().dtype(rdtype).device(comm));
+  // A wrapped number keeps the gradients' dtype, as DDP's divisor does.
+  at::Tensor divisor = at::scalar_tensor(static_cast<double>(world), at::kDouble);
+  divisor.unsafeGetTensorImpl()->set_wrapped_number(true);
   for (size_t i : u.params) {
     Param& p = params[i];
     at::Tensor slice = send.narrow(0, p.offset, p.numel);
     const at::Tensor& g = p.tensor.grad();
     if (g.defined()) {
-      slice.copy_(g.reshape(-1));
-      if (world > 1) slice.div_(static_cast<double>(world));
+      // One pass: divided while copied (as DDP's buckets are filled).
+      at::div_out(slice, g.reshape(-1), divisor);
       if (p.counted) grad_bytes -= p.numel * static_cast<int64_t>(p.tensor.element_size());
       p.counted = false;
       p.tensor.mutable_grad().reset();
