@@ -14,7 +14,7 @@ if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
 fi
 build_dir=$1
 budget=
-if [[ ${2:-} == --budget ]]; then budget=${3:-600}; fi
+if [[ ${2:-} == --budget ]]; then budget=${3:-320}; fi
 cli=$build_dir/bin/accelerate
 bench=$build_dir/benchmarks/bench_fsdp
 status=0

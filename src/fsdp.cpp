@@ -377,7 +377,15 @@ void FullShardCore::setup() {
   }
 
   // 5. Flatten, broadcast (sync_module_states), keep this process's shard, and make the
-  // parameters views of the unit's full storage.
+  // parameters views of the unit's full storage. A unit that will sit behind a holder (a child
+  // of a Sequential) is always entered through it: it is freed at once, so that the whole model
+  // never has to fit again after preparation.
+  std::unordered_set<const torch::nn::Module*> behind_holder;
+  for (const auto& item : module->named_modules("", /*include_self=*/true)) {
+    if (auto* seq = item.value()->as<torch::nn::SequentialImpl>()) {
+      for (auto it = seq->begin(); it != seq->end(); ++it) behind_holder.insert(it->ptr().get());
+    }
+  }
   torch::NoGradGuard no_grad;
   const auto& mp = options.mixed_precision;
   for (size_t ui = 0; ui < units.size(); ++ui) {
@@ -416,8 +424,12 @@ void FullShardCore::setup() {
     }
     u.gathered = true;
     gathered_bytes += unit_bytes(u);
+    if (!u.root && behind_holder.count(u.module)) {
+      u.managed = true;
+      reshard(ui);
+    }
   }
-  peak_gathered_bytes = gathered_bytes;
+  peak_gathered_bytes = std::max(peak_gathered_bytes, gathered_bytes);
   param_dtype = mp.param_dtype.value_or(at::kFloat);
   reduce_dtype = mp.reduce_dtype.value_or(mp.param_dtype.value_or(at::kFloat));
 
