@@ -673,6 +673,10 @@ void FullShardCore::launch_reduce_scatter(size_t ui) {
   Unit& u = units[ui];
   u.rs_launched = true;
   if (u.numel == 0) return;
+  // At most two in flight: the previous one has had this unit's backward to complete, and its
+  // send and receive buffers (a unit each) go back before more are taken.
+  if (rs_in_flight) finish_reduce_scatter(*rs_in_flight);
+  rs_in_flight = ui;
   const auto& mp = options.mixed_precision;
   const auto rdtype = mp.reduce_dtype.value_or(mp.param_dtype.value_or(u.dtype));
   const auto comm = state->backend() == "nccl" ? device : c10::Device(c10::kCPU);
@@ -775,6 +779,7 @@ void FullShardCore::finalize() {
 
 void FullShardCore::reset_iteration() {
   callback_queued = false;
+  rs_in_flight.reset();
   ++iteration;
   for (auto& u : units) {
     u.in_backward = false;

@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,7 @@ struct FullShardCore : std::enable_shared_from_this<FullShardCore> {
 
   mutable std::recursive_mutex mutex;
   bool callback_queued = false;
+  std::optional<size_t> rs_in_flight;  // the unit whose reduce-scatter was launched last
   uint64_t iteration = 0;
   bool warned_unmanaged = false;
 
