@@ -430,8 +430,6 @@ void FullShardCore::setup() {
     }
   }
   peak_gathered_bytes = std::max(peak_gathered_bytes, gathered_bytes);
-  param_dtype = mp.param_dtype.value_or(at::kFloat);
-  reduce_dtype = mp.reduce_dtype.value_or(mp.param_dtype.value_or(at::kFloat));
 
   // Buffers stay whole: cast (buffer_dtype) and start from process 0's.
   std::unordered_set<const c10::TensorImpl*> buffers_seen;
@@ -875,54 +873,6 @@ at::Tensor FullShardCore::gather_copy(size_t ui) {
   }
   detail::wait(*state, kGatherOp, work);
   return out.narrow(0, 0, u.numel);
-}
-
-void FullShardCore::for_each_full_parameter(
-    const std::vector<size_t>& order, const std::function<void(size_t, const at::Tensor&)>& use) {
-  std::lock_guard<std::recursive_mutex> lock(mutex);
-  torch::NoGradGuard no_grad;
-  std::optional<size_t> cached;
-  at::Tensor flat;
-  for (size_t i : order) {
-    const Param& p = params.at(i);
-    if (cached != p.unit) {
-      flat = at::Tensor();
-      flat = gather_copy(p.unit);
-      cached = p.unit;
-    }
-    use(i, flat.narrow(0, p.offset, p.numel).view(p.tensor.sizes()));
-  }
-}
-
-void FullShardCore::load_parameters(
-    const std::function<std::optional<at::Tensor>(size_t)>& value_of) {
-  std::lock_guard<std::recursive_mutex> lock(mutex);
-  torch::NoGradGuard no_grad;
-  for (auto& u : units) {
-    const auto [lo, hi] = own_range(u);
-    for (size_t i : u.params) {
-      const Param& p = params[i];
-      const int64_t a = std::max(p.offset, lo);
-      const int64_t b = std::min(p.offset + p.numel, hi);
-      if (a >= b) continue;
-      auto value = value_of(i);
-      if (!value) continue;
-      TORCH_CHECK(value->numel() == p.numel, "accelerate: FSDP: '", p.name, "' has ",
-                  value->numel(), " elements in the checkpoint, ", p.numel, " in the model");
-      u.shard.narrow(0, a - lo, b - a).copy_(value->reshape(-1).narrow(0, a - p.offset, b - a));
-    }
-  }
-  parameters_updated();
-}
-
-std::string FullShardCore::describe_units() const {
-  std::ostringstream out;
-  for (const auto& u : units) {
-    if (u.params.empty()) continue;
-    out << (u.root ? std::string("(root)") : u.name) << ": " << u.params.size() << " parameters, "
-        << u.numel << " elements\n";
-  }
-  return out.str();
 }
 
 // ---------------------------------------------------------------------- UnitScope

@@ -72,8 +72,6 @@ struct FullShardCore : std::enable_shared_from_this<FullShardCore> {
   int64_t rank = 0;
   c10::Device device{c10::kCPU};        // of the full parameters
   c10::Device shard_device{c10::kCPU};  // of the shards (the CPU with cpu_offload on a GPU)
-  at::ScalarType param_dtype = at::kFloat;
-  at::ScalarType reduce_dtype = at::kFloat;
   std::vector<Param> params;
   std::vector<Unit> units;  // units[0] is the root unit (possibly empty)
   std::vector<size_t> forward_order;
@@ -131,18 +129,11 @@ struct FullShardCore : std::enable_shared_from_this<FullShardCore> {
   void reset_iteration();
   // After the shards changed.
   void parameters_updated();
-  // Every unit's full parameters in the shards' dtype, one unit at a time, in `order`:
-  // `use(param index, value)`. Collective.
-  void for_each_full_parameter(const std::vector<size_t>& order,
-                               const std::function<void(size_t, const at::Tensor&)>& use);
-  // Writes `values` (by parameter index; missing ones are kept) into the shards.
-  void load_parameters(const std::function<std::optional<at::Tensor>(size_t)>& value_of);
   at::Tensor gather_copy(size_t u);  // the unit's full flat in the shard dtype (collective)
   // Gathers every unit and keeps it whole from now on (before the engine is dropped, so that
   // the model stays usable). Collective.
   void gather_all_whole();
   int64_t unit_bytes(const Unit& u) const;
-  std::string describe_units() const;
 };
 
 // The core a PreBackward function belongs to.
