@@ -26,6 +26,8 @@
 //
 // Run it directly: build/benchmarks/bench_checkpoint [--mib 1024] [--reps 5] [--dir /tmp]
 
+#include "page_cache.h"
+
 #include <accelerate/checkpointing.h>
 #include <accelerate/safetensors.h>
 
@@ -51,6 +53,10 @@
 
 namespace {
 
+using bench::die;
+using bench::evict;
+using bench::residency;
+
 using Clock = std::chrono::steady_clock;
 namespace st = accelerate::safetensors;
 using Items = std::vector<std::pair<std::string, at::Tensor>>;
@@ -63,10 +69,6 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-[[noreturn]] void die(const std::string& what) {
-  throw std::runtime_error(what + ": " + std::strerror(errno));
 }
 
 // ------------------------------------------------------------------------------ the state dict
@@ -144,34 +146,6 @@ void fsync_path(const std::string& path) {
   if (fd < 0) die("open " + path);
   if (::fsync(fd) != 0) die("fsync " + path);
   ::close(fd);
-}
-
-// Writes back anything dirty first: only clean pages can be dropped.
-void evict(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) die("open " + path);
-  if (::fsync(fd) != 0) die("fsync " + path);
-  if (::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) != 0) die("posix_fadvise " + path);
-  ::close(fd);
-}
-
-// Fraction of the file's pages in the page cache.
-double residency(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) die("open " + path);
-  struct stat info {};
-  ::fstat(fd, &info);
-  const auto size = static_cast<size_t>(info.st_size);
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-  ::close(fd);
-  if (map == MAP_FAILED) die("mmap " + path);
-  const auto page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-  std::vector<unsigned char> vec((size + page - 1) / page);
-  if (::mincore(map, size, vec.data()) != 0) die("mincore " + path);
-  ::munmap(map, size);
-  const auto resident =
-      std::count_if(vec.begin(), vec.end(), [](unsigned char c) { return c & 1; });
-  return static_cast<double>(resident) / static_cast<double>(vec.size());
 }
 
 std::string read_prefix(const std::string& path, size_t n) {

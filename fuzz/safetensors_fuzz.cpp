@@ -3,7 +3,8 @@
 //
 //   clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -D_GLIBCXX_USE_CXX11_ABI=1 \
 //     -Iinclude -isystem /usr/include/torch/csrc/api/include \
-//     fuzz/safetensors_fuzz.cpp src/safetensors.cpp -ltorch -ltorch_cpu -lc10 \
+//     fuzz/safetensors_fuzz.cpp src/safetensors.cpp src/detail/file_mapping.cpp \
+//     -ltorch -ltorch_cpu -lc10 \
 //     -o safetensors_fuzz
 //   ./safetensors_fuzz -max_len=4096 -timeout=10
 //

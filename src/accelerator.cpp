@@ -1,5 +1,7 @@
 #include "accelerate/accelerator.h"
 
+#include "accelerate/big_modeling.h"
+
 #include "fsdp_core.h"
 
 #include "accelerate/detail/precedence.h"
@@ -10,6 +12,7 @@
 #include <algorithm>
 #include <iostream>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <unordered_set>
 
@@ -421,11 +424,25 @@ void Accelerator::finish_prepare() {
   }
 }
 
+bool Accelerator::verify_device_map(const torch::nn::Module& model) const {
+  const auto info = dispatch_info(model);
+  if (!info) return false;
+  std::set<std::string> devices;
+  for (const auto& entry : info->device_map) devices.insert(entry.second);
+  return devices.size() > 1;
+}
+
 void Accelerator::prepare_module(const std::shared_ptr<torch::nn::Module>& module,
                                  const PrepareModelOptions& options) {
   TORCH_CHECK(module, "accelerate: prepare_model was given an empty model");
   auto& core = *core_;
-  if (options.device_placement.value_or(core.config.device_placement)) {
+  const bool dispatched = verify_device_map(*module);
+  TORCH_CHECK(!dispatched || !core.state->use_distributed() ||
+                  env_bool(current_environment(), "ACCELERATE_BYPASS_DEVICE_MAP").value_or(false),
+              "accelerate: a model dispatched across devices (dispatch_model / "
+              "load_checkpoint_and_dispatch) cannot be trained in a distributed mode; run it "
+              "with one process (--num_processes 1)");
+  if (options.device_placement.value_or(core.config.device_placement) && !dispatched) {
     module->to(core.state->device());
   }
   for (const auto& m : core.models) {

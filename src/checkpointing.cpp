@@ -1,11 +1,17 @@
 #include "accelerate/checkpointing.h"
 
+#include "accelerate/big_modeling.h"
+#include "accelerate/offload.h"
 #include "accelerate/safetensors.h"
+#include "detail/file_mapping.h"
 #include "fsdp_core.h"
+#include "tensor_data.h"
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <nlohmann/json.hpp>
+
+#include <stdlib.h>
 
 #include <algorithm>
 #include <cctype>
@@ -234,8 +240,54 @@ LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string&
   }
 
   std::map<std::string, at::Tensor> targets;
+  std::set<std::string> buffers;
   for (const auto& item : model.named_parameters()) targets.emplace(item.key(), item.value());
-  for (const auto& item : model.named_buffers()) targets.emplace(item.key(), item.value());
+  for (const auto& item : model.named_buffers()) {
+    targets.emplace(item.key(), item.value());
+    buffers.insert(item.key());
+  }
+
+  DeviceMap device_map;
+  for (const auto& [name, device] : options.device_map) {
+    device_map.emplace_back(name, normalize_device_name(device));
+  }
+  const bool has_disk = std::any_of(device_map.begin(), device_map.end(),
+                                    [](const auto& e) { return e.second == "disk"; });
+  if (!options.offload_folder.empty() && has_disk) fs::create_directories(options.offload_folder);
+  OffloadIndex offload_index;
+  // offload_state_dict: "cpu" weights wait in a temporary folder until every shard was read.
+  std::optional<fs::path> staging;
+  OffloadIndex staged;
+  struct StagingCleanup {
+    std::optional<fs::path>* dir;
+    ~StagingCleanup() {
+      std::error_code ec;
+      if (*dir) fs::remove_all(**dir, ec);
+    }
+  } cleanup{&staging};
+  if (options.offload_state_dict && !device_map.empty()) {
+    std::string pattern = (fs::temp_directory_path() / "accelerate-offload-XXXXXX").string();
+    TORCH_CHECK(::mkdtemp(pattern.data()) != nullptr,
+                "accelerate: cannot create a temporary folder for offload_state_dict in ",
+                fs::temp_directory_path().string());
+    staging = fs::path(pattern);
+  }
+
+  // The dtype a checkpoint tensor is converted to (Accelerate: `dtype` for floating-point
+  // weights, float32 for keep_in_fp32_modules when dtype is float16).
+  auto wanted_dtype = [&](const std::string& name,
+                          const at::Tensor& value) -> std::optional<at::ScalarType> {
+    if (!options.dtype || !at::isFloatingType(value.scalar_type())) return std::nullopt;
+    if (*options.dtype == at::kHalf) {
+      for (const auto& key : options.keep_in_fp32_modules) {
+        // Accelerate's rule, substring match included ("head" keeps "lm_head.weight").
+        if (name == key || name.find(key + ".") != std::string::npos) {
+          return at::kFloat;
+        }
+      }
+    }
+    return options.dtype;
+  };
 
   LoadReport report;
   std::set<std::string> loaded;
@@ -248,25 +300,62 @@ LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string&
         report.unexpected_keys.push_back(name);
         continue;
       }
-      at::Tensor target = it->second;
+      const at::Tensor& target = it->second;
       TORCH_CHECK(target.sizes() == value.sizes(), "accelerate: '", name, "' has shape ",
                   value.sizes(), " in ", file.string(), " but ", target.sizes(), " in the model");
-      if (options.dtype && at::isFloatingType(target.scalar_type())) {
-        target.set_data(target.to(*options.dtype));
-      }
-      target.copy_(value);
+      const std::string device = device_map.empty() ? "" : device_for(device_map, name);
+      const auto dtype = wanted_dtype(name, value);
       loaded.insert(name);
+      if (device == "disk" && (options.offload_buffers || !buffers.count(name))) {
+        // Zero-copy when the file holds the tensor as it is wanted: the parameter becomes a view
+        // of the mapped checkpoint. Otherwise the converted tensor is written to the offload
+        // folder (Accelerate's layout) and mapped from there.
+        const at::ScalarType want = dtype.value_or(value.scalar_type());
+        if (detail::is_file_mapped(value) && value.scalar_type() == want) {
+          detail::replace_tensor_data(target, value);
+          continue;
+        }
+        TORCH_CHECK(!options.offload_folder.empty(), "accelerate: '", name,
+                    "' is mapped to \"disk\" but cannot be served from ", file.string(),
+                    detail::is_file_mapped(value) ? " (it is converted to another dtype)"
+                                                  : " (its offset is not aligned for its dtype)",
+                    "; pass an offload_folder");
+        offload_weight(value.to(want), name, options.offload_folder, &offload_index);
+        const auto& info = offload_index.back().second;
+        detail::replace_tensor_data(
+            target,
+            load_offloaded_weight((fs::path(options.offload_folder) / (name + ".dat")).string(),
+                                  info, /*mapped=*/true));
+        continue;
+      }
+      if (device == "cpu" && staging) {
+        offload_weight(value, name, staging->string(), &staged);
+        continue;
+      }
+      if (device.empty() || device == "disk") {
+        // No map (or a buffer of a disk module): the tensor's own device, the CPU for meta ones.
+        const c10::Device own = target.is_meta() ? c10::Device(c10::kCPU) : target.device();
+        detail::set_tensor_to_device(target, name, own, value, dtype);
+      } else {
+        detail::set_tensor_to_device(target, name, c10::Device(device), value, dtype);
+      }
     }
   }
-  // A tied tensor absent from the file is filled through the tensor it shares storage with.
-  std::set<const void*> filled;
-  for (const auto& name : loaded) {
-    const auto& t = targets.at(name);
-    if (t.numel() > 0) filled.insert(t.data_ptr());
+  if (!offload_index.empty()) save_offload_index(offload_index, options.offload_folder);
+  if (staging) {
+    for (const auto& [name, info] : staged) {
+      at::Tensor weight = load_offloaded_weight((*staging / (name + ".dat")).string(), info,
+                                                /*mapped=*/false);
+      const at::Tensor& target = targets.at(name);
+      detail::set_tensor_to_device(target, name, c10::kCPU, weight, wanted_dtype(name, weight));
+    }
   }
+  // A tied tensor absent from the file is filled through the tensor it is the same object as.
+  std::set<const c10::TensorImpl*> filled;
+  for (const auto& name : loaded) filled.insert(targets.at(name).unsafeGetTensorImpl());
   for (const auto& [name, t] : targets) {
     if (loaded.count(name)) continue;
-    if (t.numel() > 0 && filled.count(t.data_ptr())) continue;
+    if (filled.count(t.unsafeGetTensorImpl()) && !t.is_meta()) continue;
     report.missing_keys.push_back(name);
   }
   if (options.strict) {

@@ -174,9 +174,9 @@ struct SequentialUnitImpl : torch::nn::Module {
       out = inner.forward(scope.input(x));
     } catch (const c10::Error& e) {
       TORCH_CHECK(std::string(e.what()).find("Expected argument") == std::string::npos,
-                  "accelerate: FSDP: unit ", inner.ptr()->name(),
-                  " in a Sequential must take and return one tensor; mark it with fsdp::wrap "
-                  "in a module of your own and call it with fsdp::call (",
+                  "accelerate: unit ", inner.ptr()->name(),
+                  " in a Sequential must take and return one tensor; wrap it in a module of "
+                  "your own and call it with accelerate::call (",
                   e.what_without_backtrace(), ")");
       throw;
     }
@@ -192,6 +192,33 @@ double seconds(FullShardCore::Clock::duration d) {
 }
 
 }  // namespace
+
+std::vector<SequentialHolder> install_sequential_holders(
+    const torch::nn::Module& root, const std::function<bool(const torch::nn::Module*)>& is_unit) {
+  std::vector<SequentialHolder> installed;
+  for (const auto& item : root.named_modules("", /*include_self=*/true)) {
+    auto* seq = item.value()->as<torch::nn::SequentialImpl>();
+    if (seq == nullptr) continue;
+    size_t index = 0;
+    for (auto it = seq->begin(); it != seq->end(); ++it, ++index) {
+      if (!is_unit(it->ptr().get())) continue;
+      *it = torch::nn::AnyModule(std::make_shared<SequentialUnitImpl>(*it));
+      installed.push_back({item.value(), index});
+    }
+  }
+  return installed;
+}
+
+void restore_sequential_holders(std::vector<SequentialHolder>& installed) noexcept {
+  for (auto& i : installed) {
+    auto seq_module = i.sequential.lock();
+    auto* seq = seq_module ? seq_module->as<torch::nn::SequentialImpl>() : nullptr;
+    if (seq == nullptr || i.index >= seq->size()) continue;
+    auto& entry = *(seq->begin() + static_cast<std::ptrdiff_t>(i.index));
+    if (auto* holder = entry.ptr()->as<SequentialUnitImpl>()) entry = holder->inner;
+  }
+  installed.clear();
+}
 
 std::shared_ptr<FullShardCore> full_shard_core_of(const torch::nn::Module& model) {
   auto& r = registry();
@@ -216,12 +243,7 @@ FullShardCore::FullShardCore(std::shared_ptr<torch::nn::Module> m, std::shared_p
 
 FullShardCore::~FullShardCore() {
   for (auto& [node, key] : hooks) node->del_post_hook(key);
-  for (auto& i : installed) {
-    auto seq_module = i.sequential.lock();
-    auto* seq = seq_module ? seq_module->as<torch::nn::SequentialImpl>() : nullptr;
-    if (seq == nullptr || i.index >= seq->size()) continue;
-    *(seq->begin() + static_cast<std::ptrdiff_t>(i.index)) = std::move(i.original);
-  }
+  restore_sequential_holders(installed);
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
   r.cores.erase(id);
@@ -463,22 +485,12 @@ void FullShardCore::setup() {
         accumulator->add_post_hook(std::make_unique<GradientHook>(weak_from_this(), i));
     hooks.emplace_back(std::move(accumulator), key);
   }
-  for (const auto& item : module->named_modules("", /*include_self=*/true)) {
-    auto* seq = item.value()->as<torch::nn::SequentialImpl>();
-    if (seq == nullptr) continue;
-    size_t index = 0;
-    for (auto it = seq->begin(); it != seq->end(); ++it, ++index) {
-      const torch::nn::Module* child = it->ptr().get();
-      bool is_unit = false;
-      for (size_t ui = 1; ui < units.size(); ++ui) {
-        is_unit = is_unit || (units[ui].module == child && !units[ui].params.empty());
-      }
-      if (!is_unit) continue;
-      torch::nn::AnyModule original = *it;
-      *it = torch::nn::AnyModule(std::make_shared<SequentialUnitImpl>(original));
-      installed.push_back({item.value(), index, std::move(original)});
+  installed = install_sequential_holders(*module, [&](const torch::nn::Module* child) {
+    for (size_t ui = 1; ui < units.size(); ++ui) {
+      if (units[ui].module == child && !units[ui].params.empty()) return true;
     }
-  }
+    return false;
+  });
 }
 
 // ---------------------------------------------------------------------- gathering
@@ -882,15 +894,23 @@ UnitScope::UnitScope(const torch::nn::Module* module) {
   {
     std::lock_guard<std::mutex> lock(r.mutex);
     auto it = r.units.find(module);
-    if (it == r.units.end()) return;
-    core_ = it->second.first.lock();
-    unit_ = it->second.second;
+    if (it != r.units.end()) {
+      core_ = it->second.first.lock();
+      unit_ = it->second.second;
+    }
   }
-  if (core_) core_->pre_forward(unit_);
+  if (core_) {
+    core_->pre_forward(unit_);
+    return;
+  }
+  dispatch_ = find_dispatch_unit(module, &unit_);
+  if (dispatch_) dispatch_pre_forward(*dispatch_, unit_);
 }
 
 UnitScope::~UnitScope() {
-  if (!core_ || finished_) return;
+  if (finished_) return;
+  if (dispatch_) dispatch_post_forward(*dispatch_, unit_);
+  if (!core_) return;
   try {
     // The forward failed: free what it gathered.
     std::lock_guard<std::recursive_mutex> lock(core_->mutex);
@@ -900,13 +920,14 @@ UnitScope::~UnitScope() {
 }
 
 at::Tensor UnitScope::input(const at::Tensor& t) const {
+  if (dispatch_) return dispatch_input(*dispatch_, unit_, t);
   const auto& dtype = core_->options.mixed_precision.param_dtype;
   if (!dtype || !t.defined() || !t.is_floating_point() || t.scalar_type() == *dtype) return t;
   return t.to(*dtype);
 }
 
 std::vector<at::Tensor> UnitScope::outputs(const std::vector<at::Tensor>& ts) {
-  if (!torch::autograd::GradMode::is_enabled()) return ts;
+  if (!core_ || !torch::autograd::GradMode::is_enabled()) return ts;
   bool any = false;
   for (const auto& t : ts) any = any || (t.defined() && t.requires_grad());
   if (!any) return ts;
@@ -916,7 +937,8 @@ std::vector<at::Tensor> UnitScope::outputs(const std::vector<at::Tensor>& ts) {
 
 void UnitScope::finish(bool hooked) {
   finished_ = true;
-  core_->post_forward(unit_, hooked);
+  if (dispatch_) dispatch_post_forward(*dispatch_, unit_);
+  if (core_) core_->post_forward(unit_, hooked);
 }
 
 }  // namespace detail

@@ -6,6 +6,7 @@
 #include "accelerate/ddp.h"
 #include "accelerate/fsdp.h"
 #include "accelerate/state.h"
+#include "unit_hooks.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/StorageImpl.h>
@@ -78,12 +79,7 @@ struct FullShardCore : std::enable_shared_from_this<FullShardCore> {
   bool order_recorded = false;
   std::function<bool()> require_sync;
   // Sequential forward chains whose entries were replaced by holders: restored on destruction.
-  struct Installed {
-    std::weak_ptr<torch::nn::Module> sequential;
-    size_t index = 0;
-    torch::nn::AnyModule original;
-  };
-  std::vector<Installed> installed;
+  std::vector<SequentialHolder> installed;
   std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks;
 
   mutable std::recursive_mutex mutex;

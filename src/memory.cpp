@@ -144,8 +144,9 @@ bool keeps_its_size(at::ScalarType type) {
   return at::isIntegralType(type, /*includeBool=*/true);
 }
 
-int64_t element_size(at::ScalarType type) {
-  return static_cast<int64_t>(c10::elementSize(type));
+// Accelerate counts a bool as 1/8 byte (dtype_byte_size); bits keep that exact per tensor.
+int64_t element_bits(at::ScalarType type) {
+  return type == at::kBool ? 1 : 8 * static_cast<int64_t>(c10::elementSize(type));
 }
 
 }  // namespace
@@ -168,13 +169,13 @@ std::map<std::string, int64_t> compute_module_sizes(const torch::nn::Module& mod
   std::map<std::string, int64_t> sizes;
   for (const auto& [name, tensor] : tensors) {
     const at::ScalarType own = tensor.scalar_type();
-    int64_t per_element = element_size(own);
+    int64_t bits = element_bits(own);
     if (auto special = options.special_dtypes.find(name); special != options.special_dtypes.end()) {
-      per_element = element_size(special->second);
+      bits = element_bits(special->second);
     } else if (options.dtype && !keeps_its_size(own)) {
-      per_element = std::min(per_element, element_size(*options.dtype));
+      bits = std::min(bits, element_bits(*options.dtype));
     }
-    const int64_t size = tensor.numel() * per_element;
+    const int64_t size = (tensor.numel() * bits + 7) / 8;
     // Every prefix of the dotted name, from "" (the whole model) to the tensor itself.
     sizes[""] += size;
     for (size_t dot = name.find('.'); dot != std::string::npos; dot = name.find('.', dot + 1)) {

@@ -1,8 +1,9 @@
 #include <accelerate/safetensors.h>
 
+#include "detail/file_mapping.h"
+
 #include <c10/util/Exception.h>
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
@@ -25,6 +26,12 @@ namespace {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "safetensors support assumes a little-endian host");
 
+using accelerate::detail::errno_text;
+using accelerate::detail::FileDescriptor;
+using accelerate::detail::in_quotes;
+using accelerate::detail::open_read_only;
+using accelerate::detail::read_exact;
+using accelerate::detail::regular_file_size;
 using Json = nlohmann::ordered_json;
 
 constexpr const char* kMetadataKey = "__metadata__";
@@ -45,18 +52,10 @@ constexpr DtypeName kDtypes[] = {
 constexpr const char* kUnsupportedNames[] = {"U16",     "U32",     "U64",     "F8_E4M3", "F8_E5M2",
                                              "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4",      "C64"};
 
-std::string errno_text() {
-  return std::strerror(errno);
-}
-
 uint64_t read_le_u64(const char* p) {
   uint64_t value = 0;
   std::memcpy(&value, p, sizeof(value));
   return value;
-}
-
-std::string quoted(const std::string& s) {
-  return "'" + s + "'";
 }
 
 // Rejects duplicate keys (the JSON library would keep the last silently, so two entries could
@@ -73,7 +72,7 @@ Json parse_json(std::string_view text) {
     } else if (event == Json::parse_event_t::key && !keys.empty()) {
       const auto& key = parsed.get_ref<const std::string&>();
       TORCH_CHECK(keys.back().insert(key).second, "safetensors header has the duplicate key ",
-                  quoted(key));
+                  in_quotes(key));
     }
     return true;
   };
@@ -91,7 +90,7 @@ uint64_t as_unsigned(const Json& value, const std::string& what) {
 }
 
 TensorInfo parse_entry(const std::string& name, const Json& entry, uint64_t data_size) {
-  const std::string where = "tensor " + quoted(name);
+  const std::string where = "tensor " + in_quotes(name);
   TORCH_CHECK(entry.is_object(), where, ": header entry must be an object, got ", entry.dump());
   // Unknown fields are ignored, as the reference implementation does, so that files from future
   // writers still load.
@@ -151,10 +150,10 @@ void check_coverage(const std::vector<TensorInfo>& tensors, uint64_t data_size) 
   });
   uint64_t expected = 0;
   for (const TensorInfo* info : sorted) {
-    TORCH_CHECK(info->begin <= expected, "tensor ", quoted(info->name), " starts at ", info->begin,
-                " leaving a hole in the data buffer after byte ", expected);
-    TORCH_CHECK(info->begin == expected, "tensor ", quoted(info->name), " at [", info->begin, ", ",
-                info->end, ") overlaps the tensor before it, which ends at ", expected);
+    TORCH_CHECK(info->begin <= expected, "tensor ", in_quotes(info->name), " starts at ",
+                info->begin, " leaving a hole in the data buffer after byte ", expected);
+    TORCH_CHECK(info->begin == expected, "tensor ", in_quotes(info->name), " at [", info->begin,
+                ", ", info->end, ") overlaps the tensor before it, which ends at ", expected);
     expected = info->end;
   }
   TORCH_CHECK(expected == data_size, "the data buffer has ", data_size - expected,
@@ -176,7 +175,7 @@ Header parse_header_text(std::string_view text, uint64_t data_start, uint64_t da
     if (key == kMetadataKey) {
       TORCH_CHECK(value.is_object(), "\"__metadata__\" must be an object, got ", value.dump());
       for (const auto& [meta_key, meta_value] : value.items()) {
-        TORCH_CHECK(meta_value.is_string(), "\"__metadata__\" value of ", quoted(meta_key),
+        TORCH_CHECK(meta_value.is_string(), "\"__metadata__\" value of ", in_quotes(meta_key),
                     " must be a string, got ", meta_value.dump());
         header.metadata.emplace(meta_key, meta_value.get<std::string>());
       }
@@ -205,7 +204,7 @@ void check_bools(const TensorInfo& info, const char* data) {
   if (info.dtype != at::kBool) return;
   for (uint64_t i = 0; i < info.nbytes(); ++i) {
     const auto byte = static_cast<unsigned char>(data[i]);
-    TORCH_CHECK(byte <= 1, "tensor ", quoted(info.name), " of dtype BOOL holds the byte ",
+    TORCH_CHECK(byte <= 1, "tensor ", in_quotes(info.name), " of dtype BOOL holds the byte ",
                 static_cast<int>(byte), " at element ", i, "; only 0 and 1 are valid");
   }
 }
@@ -216,31 +215,6 @@ at::Tensor copy_tensor(const TensorInfo& info, const char* data) {
   if (info.nbytes() > 0) std::memcpy(tensor.data_ptr(), data, info.nbytes());
   return tensor;
 }
-
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const { return fd_; }
-  // Closing can report a deferred write error, so the writer closes explicitly and checks.
-  int release() { return std::exchange(fd_, -1); }
-
- private:
-  int fd_;
-};
-
-// A private mapping: pages written through a tensor are copied, so the file never changes.
-struct Mapping {
-  void* address = MAP_FAILED;
-  size_t size = 0;
-  ~Mapping() {
-    if (address != MAP_FAILED) ::munmap(address, size);
-  }
-};
 
 struct Plan {
   std::string header;            // length prefix, JSON and padding
@@ -256,14 +230,15 @@ Plan plan(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
   for (const auto& [name, tensor] : tensors) {
     TORCH_CHECK(!name.empty(), "safetensors tensor names must not be empty");
     TORCH_CHECK(name != kMetadataKey, "\"__metadata__\" is reserved and cannot name a tensor");
-    TORCH_CHECK(seen.insert(name).second, "duplicate tensor name ", quoted(name));
-    TORCH_CHECK(tensor.defined(), "tensor ", quoted(name), " is undefined");
-    TORCH_CHECK(tensor.layout() == at::kStrided && !tensor.is_quantized(), "tensor ", quoted(name),
-                " must be a dense tensor to be saved, got layout ", tensor.layout());
+    TORCH_CHECK(seen.insert(name).second, "duplicate tensor name ", in_quotes(name));
+    TORCH_CHECK(tensor.defined(), "tensor ", in_quotes(name), " is undefined");
+    TORCH_CHECK(tensor.layout() == at::kStrided && !tensor.is_quantized(), "tensor ",
+                in_quotes(name), " must be a dense tensor to be saved, got layout ",
+                tensor.layout());
     try {
       dtype_name(tensor.scalar_type());
     } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "tensor ", quoted(name), ": ", e.what_without_backtrace());
+      TORCH_CHECK(false, "tensor ", in_quotes(name), ": ", e.what_without_backtrace());
     }
     // A meta tensor stands for one whose data comes later (save_file_streaming).
     contiguous.push_back(tensor.is_meta() ? tensor : tensor.detach().to(at::kCPU).contiguous());
@@ -313,21 +288,9 @@ void write_all(int fd, const char* data, size_t size, const std::string& path) {
   while (size > 0) {
     const ssize_t written = ::write(fd, data, size);
     if (written < 0 && errno == EINTR) continue;
-    TORCH_CHECK(written > 0, "cannot write ", quoted(path), ": ", errno_text());
+    TORCH_CHECK(written > 0, "cannot write ", in_quotes(path), ": ", errno_text());
     data += written;
     size -= static_cast<size_t>(written);
-  }
-}
-
-void read_exact(int fd, char* data, size_t size, uint64_t offset, const std::string& path) {
-  while (size > 0) {
-    const ssize_t got = ::pread(fd, data, size, static_cast<off_t>(offset));
-    if (got < 0 && errno == EINTR) continue;
-    TORCH_CHECK(got > 0, "cannot read ", quoted(path), ": ",
-                got == 0 ? std::string("unexpected end of file") : errno_text());
-    data += got;
-    size -= static_cast<size_t>(got);
-    offset += static_cast<uint64_t>(got);
   }
 }
 
@@ -343,13 +306,6 @@ void drop_cached_pages(const std::string& path) {
   struct stat info {};
   if (fd.get() < 0 || ::fstat(fd.get(), &info) != 0 || !S_ISREG(info.st_mode)) return;
   (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_DONTNEED);
-}
-
-uint64_t file_size_of(int fd, const std::string& path) {
-  struct stat info {};
-  TORCH_CHECK(::fstat(fd, &info) == 0, "cannot stat ", quoted(path), ": ", errno_text());
-  TORCH_CHECK(S_ISREG(info.st_mode), quoted(path), " is not a regular file");
-  return static_cast<uint64_t>(info.st_size);
 }
 
 }  // namespace
@@ -392,7 +348,7 @@ at::Tensor SafetensorsFile::get(const std::string& name) const {
     available << (i == 0 ? "" : ", ") << tensors[i].first;
   }
   if (tensors.size() > 20) available << ", ... (" << tensors.size() << " in all)";
-  TORCH_CHECK(false, "no tensor named ", quoted(name),
+  TORCH_CHECK(false, "no tensor named ", in_quotes(name),
               " in the safetensors file; it holds: ", available.str());
 }
 
@@ -437,7 +393,7 @@ void detail::save_file_streaming(const std::vector<std::pair<std::string, at::Te
   std::vector<std::pair<std::string, at::Tensor>> shapes;
   shapes.reserve(specs.size());
   for (const auto& [name, t] : specs) {
-    TORCH_CHECK(t.defined(), "tensor ", quoted(name), " is undefined");
+    TORCH_CHECK(t.defined(), "tensor ", in_quotes(name), " is undefined");
     shapes.emplace_back(name, at::empty(t.sizes(), t.options().device(at::kMeta)));
   }
   const Plan p = plan(shapes, metadata);
@@ -451,7 +407,7 @@ void detail::save_file_streaming(const std::vector<std::pair<std::string, at::Te
       const size_t i = p.order[k];
       const at::Tensor t = fetch(i).detach().to(at::kCPU).contiguous();
       TORCH_CHECK(t.sizes() == p.data[k].sizes() && t.scalar_type() == p.data[k].scalar_type(),
-                  "tensor ", quoted(specs[i].first), " has shape ", t.sizes(), " and dtype ",
+                  "tensor ", in_quotes(specs[i].first), " has shape ", t.sizes(), " and dtype ",
                   t.scalar_type(), ", announced as ", p.data[k].sizes(), " ",
                   p.data[k].scalar_type());
       write(static_cast<const char*>(t.data_ptr()), t.nbytes());
@@ -477,13 +433,13 @@ void detail::write_file_atomically_with(
   const std::string temp =
       path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
   FileDescriptor fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
-  TORCH_CHECK(fd.get() >= 0, "cannot create ", quoted(temp), ": ", errno_text());
+  TORCH_CHECK(fd.get() >= 0, "cannot create ", in_quotes(temp), ": ", errno_text());
   try {
     produce([&](const char* data, size_t size) { write_all(fd.get(), data, size, temp); });
-    TORCH_CHECK(::fsync(fd.get()) == 0, "cannot fsync ", quoted(temp), ": ", errno_text());
-    TORCH_CHECK(::close(fd.release()) == 0, "cannot close ", quoted(temp), ": ", errno_text());
-    TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "cannot rename ", quoted(temp), " to ",
-                quoted(path), ": ", errno_text());
+    TORCH_CHECK(::fsync(fd.get()) == 0, "cannot fsync ", in_quotes(temp), ": ", errno_text());
+    TORCH_CHECK(::close(fd.release()) == 0, "cannot close ", in_quotes(temp), ": ", errno_text());
+    TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "cannot rename ", in_quotes(temp),
+                " to ", in_quotes(path), ": ", errno_text());
   } catch (...) {
     ::unlink(temp.c_str());
     throw;
@@ -493,8 +449,8 @@ void detail::write_file_atomically_with(
   const std::string dir =
       slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   FileDescriptor dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  TORCH_CHECK(dir_fd.get() >= 0, "cannot open directory ", quoted(dir), ": ", errno_text());
-  TORCH_CHECK(::fsync(dir_fd.get()) == 0, "cannot fsync directory ", quoted(dir), ": ",
+  TORCH_CHECK(dir_fd.get() >= 0, "cannot open directory ", in_quotes(dir), ": ", errno_text());
+  TORCH_CHECK(::fsync(dir_fd.get()) == 0, "cannot fsync directory ", in_quotes(dir), ": ",
               errno_text());
 }
 
@@ -504,9 +460,8 @@ Header parse_header(std::string_view bytes) {
 }
 
 Header read_header(const std::string& path) {
-  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  TORCH_CHECK(fd.get() >= 0, "cannot open ", quoted(path), ": ", errno_text());
-  const uint64_t size = file_size_of(fd.get(), path);
+  const FileDescriptor fd = open_read_only(path);
+  const uint64_t size = regular_file_size(fd.get(), path);
   char prefix[8] = {};
   if (size >= 8) read_exact(fd.get(), prefix, 8, 0, path);
   const uint64_t n = header_length(std::string_view(prefix, 8), size);
@@ -527,37 +482,29 @@ SafetensorsFile deserialize(std::string_view bytes) {
 }
 
 SafetensorsFile load_file(const std::string& path) {
-  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  TORCH_CHECK(fd.get() >= 0, "cannot open ", quoted(path), ": ", errno_text());
-  const uint64_t size = file_size_of(fd.get(), path);
-  TORCH_CHECK(size >= 8, "safetensors file ", quoted(path), " is ", size,
+  // Private and copy-on-write: tensors updated in place (optimizer steps) never change the file.
+  const std::shared_ptr<accelerate::detail::FileMapping> mapping =
+      accelerate::detail::map_file(path);
+  TORCH_CHECK(mapping->size() >= 8, "safetensors file ", in_quotes(path), " is ", mapping->size(),
               " bytes, shorter than the 8-byte header length");
-  auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<size_t>(size);
-  // PROT_WRITE with MAP_PRIVATE: in-place updates of loaded tensors (optimizer steps) must work,
-  // and they land in private copied pages, never in the file.
-  mapping->address =
-      ::mmap(nullptr, mapping->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.get(), 0);
-  TORCH_CHECK(mapping->address != MAP_FAILED, "cannot map ", quoted(path), ": ", errno_text());
-
-  const auto* base = static_cast<const char*>(mapping->address);
+  const char* base = mapping->data();
   Header header;
   try {
-    header = parse_header(std::string_view(base, mapping->size));
+    header = parse_header(std::string_view(base, mapping->size()));
   } catch (const c10::Error& e) {
-    TORCH_CHECK(false, quoted(path), ": ", e.what_without_backtrace());
+    TORCH_CHECK(false, in_quotes(path), ": ", e.what_without_backtrace());
   }
   SafetensorsFile file;
   file.metadata = std::move(header.metadata);
   for (const auto& info : header.tensors) {
-    char* data = static_cast<char*>(mapping->address) + header.data_start + info.begin;
-    const auto item_size = c10::elementSize(info.dtype);
+    const uint64_t offset = header.data_start + info.begin;
+    const char* data = base + offset;
     at::Tensor tensor;
-    if (reinterpret_cast<uintptr_t>(data) % item_size == 0 && info.nbytes() > 0) {
+    // Other writers need not align tensors for their dtype; those are copied, not refused.
+    if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(info.dtype) == 0 &&
+        info.nbytes() > 0) {
       check_bools(info, data);
-      // The deleter owns a reference to the mapping, which outlives every tensor made from it.
-      tensor = at::from_blob(
-          data, info.shape, [mapping](void*) {}, at::TensorOptions().dtype(info.dtype));
+      tensor = accelerate::detail::mapped_tensor(mapping, offset, info.shape, info.dtype);
     } else {
       tensor = copy_tensor(info, data);
     }

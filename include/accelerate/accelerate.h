@@ -12,14 +12,17 @@
 /// \endcode
 
 #include <accelerate/accelerator.h>
+#include <accelerate/big_modeling.h>
 #include <accelerate/checkpoint_state.h>
 #include <accelerate/checkpointing.h>
 #include <accelerate/compat.h>
 #include <accelerate/data.h>
+#include <accelerate/device_map.h>
 #include <accelerate/environment.h>
 #include <accelerate/fsdp.h>
 #include <accelerate/logging.h>
 #include <accelerate/memory.h>
+#include <accelerate/offload.h>
 #include <accelerate/operations.h>
 #include <accelerate/optimizer_state.h>
 #include <accelerate/plugins.h>

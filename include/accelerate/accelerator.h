@@ -542,8 +542,9 @@ class Accelerator {
   /// even_batches (the default) every process gets the same number of batches, so nothing is
   /// needed; this is a documented no-op returning an empty guard.
   SyncGuard join_uneven_inputs() const { return {}; }
-  /// Big-model device maps do not exist in C++: always false.
-  bool verify_device_map(const torch::nn::Module&) const { return false; }
+  /// Whether `model` was dispatched across several devices (big_modeling.h's dispatch_model):
+  /// such a model is not moved by prepare, and cannot be trained by several processes.
+  bool verify_device_map(const torch::nn::Module& model) const;
 
   // ------------------------------------------------------------------ checkpointing
 

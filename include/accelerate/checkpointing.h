@@ -16,6 +16,8 @@
 ///   for (const auto& name : report.missing_keys) std::cout << "not in the checkpoint: " << name;
 /// \endcode
 
+#include <accelerate/device_map.h>
+
 #include <torch/nn/module.h>
 
 #include <cstdint>
@@ -77,12 +79,34 @@ std::vector<std::string> save_model_streaming(
     const SaveModelOptions& options, const std::function<at::Tensor(size_t)>& fetch, bool write);
 }  // namespace detail
 
-/// Options for load_checkpoint_in_model.
+/// Options for load_checkpoint_in_model (Accelerate's keyword arguments).
+///
+/// Example:
+/// \code
+///   accelerate::LoadCheckpointOptions options{
+///       .dtype = at::kHalf,
+///       .device_map = {{"embed", "cpu"}, {"blocks", "disk"}, {"head", "cpu"}},
+///       .keep_in_fp32_modules = {"head"}};
+/// \endcode
 struct LoadCheckpointOptions {
   /// Convert floating-point weights to this dtype (default: the parameter's own).
   std::optional<at::ScalarType> dtype;
   /// Missing or unexpected keys are errors instead of being reported.
   bool strict = false;
+  /// Where each weight goes (device_map.h): "cpu", "cuda:N", or "disk". Empty: onto the
+  /// model's own device (meta tensors onto the CPU). A "disk" weight becomes a zero-copy view
+  /// of the checkpoint's mapped file when its dtype and alignment allow, otherwise it is written
+  /// to `offload_folder` (Accelerate's layout, offload.h) and mapped from there.
+  DeviceMap device_map;
+  /// Needed when a "disk" weight cannot be served from the checkpoint itself.
+  std::string offload_folder;
+  /// Stage "cpu" weights in a temporary offload folder while the checkpoint is read, and load
+  /// them at the end (bounds what one shard holds in memory, as in Accelerate).
+  bool offload_state_dict = false;
+  /// Put the buffers of "disk" modules on the disk too (otherwise they are loaded in memory).
+  bool offload_buffers = false;
+  /// With dtype float16, weights of these modules ("head", or a full tensor name) stay float32.
+  std::vector<std::string> keep_in_fp32_modules;
 };
 
 /// What loading found.
@@ -95,7 +119,8 @@ struct LoadReport {
 
 /// Loads weights into `model` in place from a safetensors file, a directory holding
 /// model.safetensors, or a sharded index (file or directory). A shape mismatch is an error
-/// naming the tensor and both shapes.
+/// naming the tensor and both shapes. Meta tensors (big_modeling.h's init_empty_weights) are
+/// materialised; with a device map each weight goes to its device (see LoadCheckpointOptions).
 LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string& path,
                                     const LoadCheckpointOptions& options = {});
 

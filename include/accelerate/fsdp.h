@@ -109,15 +109,18 @@ class GradientSynchronizer;
 
 namespace detail {
 struct FullShardCore;
+struct DispatchHooks;
 
-/// What fsdp::call does around the forward of a unit; inactive for any other module.
+/// What fsdp::call does around the forward of a unit of a fully sharded model (gather, hook
+/// for backward, reshard) or of a dispatched model (big_modeling.h: inputs to the unit's
+/// execution device, offloaded weights streamed in and out); inactive for any other module.
 class UnitScope {
  public:
   explicit UnitScope(const torch::nn::Module* module);
   UnitScope(const UnitScope&) = delete;
   UnitScope& operator=(const UnitScope&) = delete;
   ~UnitScope();
-  bool active() const { return core_ != nullptr; }
+  bool active() const { return core_ != nullptr || dispatch_ != nullptr; }
   /// A floating-point input, cast to the unit's parameter dtype.
   at::Tensor input(const at::Tensor& t) const;
   /// Outputs, routed through the unit's pre-backward function.
@@ -127,6 +130,7 @@ class UnitScope {
 
  private:
   std::shared_ptr<FullShardCore> core_;
+  std::shared_ptr<DispatchHooks> dispatch_;
   size_t unit_ = 0;
   bool finished_ = false;
 };

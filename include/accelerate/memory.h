@@ -188,8 +188,9 @@ struct ModuleSizeOptions {
 
 /// The size in bytes of every module and tensor of `module`, keyed by name prefix: "" is the
 /// whole model, "fc1" a child, "fc1.weight" one tensor (Accelerate's `compute_module_sizes`).
-/// Parameters and buffers are counted, each shared tensor once. Unlike Accelerate, a bool element
-/// counts as the byte LibTorch stores rather than one bit.
+/// Parameters and buffers are counted, each shared tensor once. A bool element counts as one bit,
+/// as in Accelerate (rounded up to whole bytes per tensor). The device-map functions
+/// (device_map.h) size models with it.
 ///
 /// Example:
 /// \code

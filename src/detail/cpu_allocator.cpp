@@ -6,7 +6,10 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <atomic>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -156,6 +159,72 @@ std::mutex g_install_mutex;
 CachingCpuAllocator* g_allocator = nullptr;
 std::string g_installed_as;
 
+thread_local int g_untouched_depth = 0;
+
+// The CPU allocator once UntouchedPagesScope was first used: it serves scoped threads with
+// untouched mappings and hands everything else to the allocator it stands in front of (LibTorch's,
+// or the caching one, which then installs itself behind it rather than over it).
+class FrontCpuAllocator final : public compat::CpuAllocatorBase {
+ public:
+  explicit FrontCpuAllocator(c10::Allocator* backend) : backend_(backend) {}
+
+  c10::DataPtr allocate_impl(size_t n) const override {
+    if (g_untouched_depth == 0 || n == 0) return backend_.load()->allocate(n);
+    const size_t size = round_to_page(n);
+    void* ptr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(ptr != MAP_FAILED, "accelerate: cannot reserve ", size,
+                " bytes of address space for an empty weight");
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      mapped_[ptr] = size;
+    }
+    return {ptr, ptr, &release, c10::Device(c10::kCPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  static void release(void* ptr);
+
+  void give_back(void* ptr) {
+    size_t size = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = mapped_.find(ptr);
+      if (it != mapped_.end()) {
+        size = it->second;
+        mapped_.erase(it);
+      }
+    }
+    if (size > 0) {
+      ::munmap(ptr, size);
+      return;
+    }
+    c10::DeleterFnPtr deleter = backend_.load()->raw_deleter();
+    TORCH_INTERNAL_ASSERT(deleter != nullptr,
+                          "accelerate: CPU allocator: freeing a block it does not know");
+    deleter(ptr);
+  }
+
+  bool owns(const void* ptr) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return mapped_.count(const_cast<void*>(ptr)) > 0;
+  }
+
+  void set_backend(c10::Allocator* backend) { backend_.store(backend); }
+
+ private:
+  std::atomic<c10::Allocator*> backend_;
+  mutable std::mutex mutex_;
+  mutable std::unordered_map<void*, size_t> mapped_;
+};
+
+FrontCpuAllocator* g_front = nullptr;  // never destroyed, as g_allocator
+
+void FrontCpuAllocator::release(void* ptr) {
+  if (ptr != nullptr) g_front->give_back(ptr);
+}
+
 void CachingCpuAllocator::release(void* ptr) {
   if (ptr != nullptr) g_allocator->give_back(ptr);
 }
@@ -180,9 +249,13 @@ std::string install_cpu_caching_allocator(const EnvMap& env) {
     return g_installed_as;
   }
   g_allocator = new CachingCpuAllocator(c10::GetDefaultCPUAllocator(), budget);
-  // Above the default registrations (priority 0), so that it wins; a user's own allocator
-  // registered with a higher priority still wins over it.
-  c10::SetCPUAllocator(g_allocator, /*priority=*/1);
+  if (g_front != nullptr) {
+    g_front->set_backend(g_allocator);
+  } else {
+    // Above the default registrations (priority 0), so that it wins; a user's own allocator
+    // registered with a higher priority still wins over it.
+    c10::SetCPUAllocator(g_allocator, /*priority=*/1);
+  }
   g_installed_as = "keeps freed blocks of " + std::to_string(kMinCachedBytes / 1024) +
                    " KiB and more, up to " + std::to_string(budget >> 20) + " MiB";
   return g_installed_as;
@@ -197,6 +270,30 @@ CpuCacheStats cpu_cache_stats() {
 void empty_cpu_cache() {
   std::lock_guard<std::mutex> lock(g_install_mutex);
   if (g_allocator != nullptr) g_allocator->empty();
+}
+
+UntouchedPagesScope::UntouchedPagesScope() {
+  {
+    std::lock_guard<std::mutex> lock(g_install_mutex);
+    if (g_front == nullptr) {
+      g_front = new FrontCpuAllocator(c10::GetCPUAllocator());
+      c10::SetCPUAllocator(g_front, /*priority=*/1);
+    }
+    TORCH_CHECK(c10::GetCPUAllocator() == g_front,
+                "accelerate: init_empty_weights: a CPU allocator registered with a higher "
+                "priority replaces accelerate's, so weights cannot be created without memory");
+  }
+  ++g_untouched_depth;
+}
+
+UntouchedPagesScope::~UntouchedPagesScope() {
+  --g_untouched_depth;
+}
+
+bool is_untouched_allocation(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage() || g_front == nullptr) return false;
+  const auto& data = t.storage().data_ptr();
+  return data.get_deleter() == &FrontCpuAllocator::release && g_front->owns(data.get());
 }
 
 }  // namespace accelerate::detail

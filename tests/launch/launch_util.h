@@ -18,6 +18,9 @@
 #pragma once
 
 #include <accelerate/env_names.h>
+
+#include "files.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -179,29 +182,6 @@ inline bool wait_until(const std::function<bool()>& done, std::chrono::milliseco
   }
   return true;
 }
-
-/// A fresh directory under $TMPDIR (or /tmp), removed with everything in it on destruction.
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string templ = std::string(base && *base ? base : "/tmp") + "/accelerate_test_XXXXXX";
-    if (::mkdtemp(templ.data()) == nullptr) {
-      throw std::runtime_error(std::string("mkdtemp: ") + std::strerror(errno));
-    }
-    path_ = templ;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
 
 /// An empty directory, removed when the test program exits: the HF_HOME that commands started
 /// by the tests see unless a test sets its own, so a developer's `accelerate config` file cannot

@@ -1,6 +1,7 @@
 #include <accelerate/safetensors.h>
 
 #include <expect_error.h>
+#include <files.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
@@ -13,37 +14,9 @@
 
 namespace st = accelerate::safetensors;
 using accelerate::testing::same;
+using accelerate::testing::TempDir;
 
 namespace {
-
-// A directory removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    path_ = std::filesystem::temp_directory_path() /
-            ("accelerate_st_" + std::to_string(::getpid()) + "_" +
-             ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(path_);
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  std::string path_string() const { return path_.string(); }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : std::filesystem::directory_iterator(path_)) {
-      names.push_back(entry.path().filename().string());
-    }
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-
- private:
-  std::filesystem::path path_;
-};
 
 std::string le_u64(uint64_t value) {
   std::string bytes(8, '\0');
@@ -386,7 +359,7 @@ TEST(Safetensors, FileErrorsNameThePath) {
   EXPECT_ERROR_CONTAINS(st::load_file(dir.file("cut.safetensors")), "cut.safetensors");
   EXPECT_ERROR_CONTAINS(st::load_file(dir.file("cut.safetensors")), "past the end");
   EXPECT_ERROR_CONTAINS(st::read_header(dir.file("cut.safetensors")), "past the end");
-  EXPECT_ERROR_CONTAINS(st::load_file(dir.path_string()), "not a regular file");
+  EXPECT_ERROR_CONTAINS(st::load_file(dir.path().string()), "not a regular file");
 }
 
 TEST(Safetensors, RejectsBadTensorsWhenSaving) {

@@ -25,6 +25,8 @@
 
 #include <accelerate/environment.h>
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 
@@ -65,5 +67,28 @@ CpuCacheStats cpu_cache_stats();
 /// Gives every cached block back to the system (blocks in use stay). Accelerator::free_memory()
 /// calls it, as Accelerate's calls `torch.cuda.empty_cache()`.
 void empty_cpu_cache();
+
+/// While one lives, CPU allocations made by this thread are fresh anonymous mappings reserved
+/// without commit (MAP_NORESERVE): memory nobody writes costs no RAM, and freeing unmaps it.
+/// init_empty_weights (big_modeling.h) builds models under it. Nests.
+///
+/// Example:
+/// \code
+///   {
+///     accelerate::detail::UntouchedPagesScope scope;
+///     at::Tensor t = at::empty({1 << 28});  // 1 GiB reserved, nothing resident
+///     assert(accelerate::detail::is_untouched_allocation(t));
+///   }
+/// \endcode
+class UntouchedPagesScope {
+ public:
+  UntouchedPagesScope();
+  UntouchedPagesScope(const UntouchedPagesScope&) = delete;
+  UntouchedPagesScope& operator=(const UntouchedPagesScope&) = delete;
+  ~UntouchedPagesScope();
+};
+
+/// Whether `t`'s storage was allocated under an UntouchedPagesScope.
+bool is_untouched_allocation(const at::Tensor& t);
 
 }  // namespace accelerate::detail
