@@ -26,8 +26,11 @@
 //
 // Run it directly: build/benchmarks/bench_checkpoint [--mib 1024] [--reps 5] [--dir /tmp]
 
+#include "../src/detail/checksum.h"
 #include "page_cache.h"
 
+#include <accelerate/accelerator.h>
+#include <accelerate/checkpoint_state.h>
 #include <accelerate/checkpointing.h>
 #include <accelerate/safetensors.h>
 
@@ -43,6 +46,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -376,6 +380,62 @@ int main(int argc, char** argv) {
   for (const auto& v : loads) rows.push_back({v.name, median(v.times[1])});
   print_table("load, warm page cache (ratio = variant / load_checkpoint_in_model)", rows,
               loads[0].name, b);
+
+  // What the checksums in checkpoints cost: hashing speed on the state dict's bytes, and
+  // Accelerator::save_state of the model with and without them (interleaved, replacing the
+  // previous checkpoint as repeated saves to one directory do).
+  {
+    namespace ck = accelerate::detail;
+    std::vector<double> hw, portable;
+    for (int rep = 0; rep < reps; ++rep) {
+      auto start = Clock::now();
+      uint32_t crc = 0;
+      for (const auto& [name, t] : items) crc = ck::crc32c(crc, t.data_ptr(), t.nbytes());
+      hw.push_back(seconds_since(start));
+      start = Clock::now();
+      uint32_t crc2 = 0;
+      for (const auto& [name, t] : items)
+        crc2 = ck::crc32c_portable(crc2, t.data_ptr(), t.nbytes());
+      portable.push_back(seconds_since(start));
+      if (crc != crc2) die("the CRC32C implementations disagree");
+    }
+    accelerate::Accelerator accelerator;
+    accelerator.prepare_model(model);
+    const std::string ckpt = dir + "/ckpt";
+    std::vector<double> with, without;
+    for (int rep = 0; rep <= reps; ++rep) {
+      for (const bool sums : {rep % 2 == 0, rep % 2 != 0}) {
+        if (sums) {
+          ::unsetenv(accelerate::kCheckpointChecksumsEnv);
+        } else {
+          ::setenv(accelerate::kCheckpointChecksumsEnv, "0", 1);
+        }
+        const auto start = Clock::now();
+        accelerator.save_state(ckpt);
+        if (rep > 0) (sums ? with : without).push_back(seconds_since(start));  // rep 0: warm-up
+      }
+    }
+    ::unsetenv(accelerate::kCheckpointChecksumsEnv);
+    std::vector<double> verify;
+    for (int rep = 0; rep < reps; ++rep) {
+      const auto start = Clock::now();
+      (void)accelerate::read_checkpoint_info(ckpt, /*verify=*/true);
+      verify.push_back(seconds_since(start));
+    }
+    const auto b2 = static_cast<double>(bytes);
+    std::printf("checksums (CRC32C, %s)\n", ck::crc32c_is_hardware() ? "SSE4.2" : "no SSE4.2");
+    std::printf("  %-40s %8.1f ms %8.2f\n", "crc32c (used), in memory", median(hw) * 1e3,
+                b2 / median(hw) / 1e9);
+    std::printf("  %-40s %8.1f ms %8.2f\n", "crc32c slicing-by-8, in memory",
+                median(portable) * 1e3, b2 / median(portable) / 1e9);
+    std::printf("  %-40s %8.1f ms\n", "save_state without checksums", median(without) * 1e3);
+    std::printf("  %-40s %8.1f ms   (+%.1f%%)\n", "save_state with checksums", median(with) * 1e3,
+                (median(with) / median(without) - 1) * 100);
+    std::printf("  %-40s %8.1f ms\n\n", "verifying the checkpoint (page cache)",
+                median(verify) * 1e3);
+    std::error_code ec;
+    std::filesystem::remove_all(ckpt, ec);
+  }
 
   for (const auto& v : saves) ::unlink(v.file.c_str());
   ::rmdir(dir.c_str());

@@ -4,6 +4,7 @@
 //   clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -D_GLIBCXX_USE_CXX11_ABI=1 \
 //     -Iinclude -isystem /usr/include/torch/csrc/api/include \
 //     fuzz/safetensors_fuzz.cpp src/safetensors.cpp src/detail/file_mapping.cpp \
+//     src/detail/checksum.cpp \
 //     -ltorch -ltorch_cpu -lc10 \
 //     -o safetensors_fuzz
 //   ./safetensors_fuzz -max_len=4096 -timeout=10

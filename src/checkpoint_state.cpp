@@ -8,6 +8,7 @@
 #include "accelerate/detail/collectives.h"
 #include "accelerate/optimizer_state.h"
 #include "accelerate/safetensors.h"
+#include "detail/checksum.h"
 #include "fsdp_core.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -86,6 +88,13 @@ std::string CheckpointInfo::to_json() const {
   Json list = Json::object();
   for (const auto& [name, size] : files) list[name] = size;
   j["files"] = std::move(list);
+  // Beside "files" rather than inside it, so that readers of format version 1 that predate
+  // checksums still read the sizes.
+  if (!crc32c.empty()) {
+    Json sums = Json::object();
+    for (const auto& [name, crc] : crc32c) sums[name] = detail::crc32c_hex(crc);
+    j["crc32c"] = std::move(sums);
+  }
   return j.dump(2) + "\n";
 }
 
@@ -142,6 +151,20 @@ CheckpointInfo CheckpointInfo::from_json(const std::string& text, const std::str
                 "\" is not a file name inside the checkpoint");
     info.files.emplace_back(name, size.get<int64_t>());
   }
+  if (j.contains("crc32c")) {
+    TORCH_CHECK(j["crc32c"].is_object(), "accelerate: ", source, ": \"crc32c\" is not an object");
+    for (const auto& [name, text] : j["crc32c"].items()) {
+      const bool listed = std::any_of(info.files.begin(), info.files.end(),
+                                      [&](const auto& f) { return f.first == name; });
+      TORCH_CHECK(listed, "accelerate: ", source, " has a checksum of \"", name,
+                  "\", which \"files\" does not list");
+      uint32_t crc = 0;
+      TORCH_CHECK(text.is_string() && detail::parse_crc32c_hex(text.get<std::string>(), &crc),
+                  "accelerate: ", source, ": the checksum of \"", name,
+                  "\" is not 8 lower-case hex digits");
+      info.crc32c.emplace(name, crc);
+    }
+  }
   return info;
 }
 
@@ -179,7 +202,7 @@ int64_t checkpoint_number(const std::string& name) {
 
 }  // namespace
 
-CheckpointInfo read_checkpoint_info(const std::string& directory) {
+CheckpointInfo read_checkpoint_info(const std::string& directory, bool verify) {
   const fs::path dir(directory);
   TORCH_CHECK(fs::is_directory(dir), "accelerate: load_state: ", dir, " is not a directory");
   const fs::path marker = dir / kCheckpointMarkerName;
@@ -195,6 +218,15 @@ CheckpointInfo read_checkpoint_info(const std::string& directory) {
                 ", which is missing");
     TORCH_CHECK(static_cast<int64_t>(actual) == size, "accelerate: load_state: ", file, " has ",
                 actual, " bytes, the checkpoint recorded ", size, " (the file was changed)");
+  }
+  if (!verify) return info;
+  // Sizes first: they catch truncation without reading anything, checksums the rest.
+  for (const auto& [name, recorded] : info.crc32c) {
+    const fs::path file = dir / name;
+    const uint32_t actual = detail::crc32c_of_file(file.string());
+    TORCH_CHECK(actual == recorded, "accelerate: load_state: ", file,
+                " is corrupted: its CRC32C is ", detail::crc32c_hex(actual),
+                ", the checkpoint recorded ", detail::crc32c_hex(recorded));
   }
   return info;
 }
@@ -369,6 +401,20 @@ NamedTensors generator_states() {
 void set_generator_state(at::Generator gen, const at::Tensor& state) {
   std::lock_guard<std::mutex> lock(gen.mutex());
   gen.set_state(state.contiguous());
+}
+
+// Gives loader `index` its saved position. The loader's own error cannot say which of the
+// prepared loaders it is, nor which checkpoint the position came from.
+void restore_loader_position(const detail::LoaderSlot& loader, size_t index,
+                             const data::LoaderPosition& position, const char* op,
+                             const fs::path& dir) {
+  try {
+    loader.set_position(position);
+  } catch (const c10::Error& e) {
+    std::string reason = e.what_without_backtrace();
+    if (reason.rfind("accelerate: ", 0) == 0) reason.erase(0, std::string("accelerate: ").size());
+    TORCH_CHECK(false, "accelerate: ", op, ": ", dir, ": data loader ", index, ": ", reason);
+  }
 }
 
 // Puts back the generator states of a random_states file.
@@ -699,6 +745,15 @@ std::string Accelerator::save_state(const std::string& output_dir) {
     fs::create_directory(partial);
   });
 
+  // Checksums of the files this process writes, taken as they are written; restored however
+  // save_state ends.
+  std::map<std::string, uint32_t> written_sums;
+  struct SinkGuard {
+    std::map<std::string, uint32_t>* previous;
+    ~SinkGuard() { detail::checksum_sink() = previous; }
+  } sink_guard{detail::checksum_sink()};
+  detail::checksum_sink() = &written_sums;
+
   // 2. The files. Hooks run everywhere, as in Accelerate; shared objects are written by the
   // publishing process, per-process state by each.
   CheckpointInfo info;
@@ -819,12 +874,24 @@ std::string Accelerator::save_state(const std::string& output_dir) {
     info.world_size = num_processes();
     info.step = core.step;
     info.mixed_precision = mixed_precision();
+    const char* env = std::getenv(kCheckpointChecksumsEnv);
+    const bool checksums = env == nullptr || std::string(env) != "0";
+    std::map<std::string, uint32_t> by_path;
+    for (const auto& [path, crc] : written_sums) {
+      by_path[fs::path(path).lexically_normal().string()] = crc;
+    }
     std::vector<std::pair<std::string, int64_t>> files;
     // Recursive: sharded optimizer state lives in a folder of its own.
     for (const auto& entry : fs::recursive_directory_iterator(partial)) {
       if (!entry.is_regular_file()) continue;
-      files.emplace_back(fs::relative(entry.path(), partial).generic_string(),
-                         static_cast<int64_t>(entry.file_size()));
+      const auto name = fs::relative(entry.path(), partial).generic_string();
+      files.emplace_back(name, static_cast<int64_t>(entry.file_size()));
+      // Files this process wrote were hashed as they were written; others' (their
+      // random_states, optimizer shards, what hooks wrote) are read back.
+      if (!checksums) continue;
+      const auto sum = by_path.find(entry.path().lexically_normal().string());
+      info.crc32c.emplace(
+          name, sum != by_path.end() ? sum->second : detail::crc32c_of_file(entry.path().string()));
     }
     std::sort(files.begin(), files.end());
     info.files = std::move(files);
@@ -916,6 +983,11 @@ std::string Accelerator::load_state(const std::string& input_dir) {
     }
     check_count("data loader position(s)", static_cast<int64_t>(mine.positions.size()),
                 core.loaders.size());
+    // Before anything else is loaded, so that a position the loader refuses leaves the models
+    // and optimizers as they were.
+    for (size_t i = 0; i < core.loaders.size(); ++i) {
+      restore_loader_position(core.loaders[i], i, mine.positions[i], "load_state", dir);
+    }
 
     // Now load.
     std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
@@ -936,8 +1008,6 @@ std::string Accelerator::load_state(const std::string& input_dir) {
       load_object(core, SavedObject::kCustomObject, i, dir);
     }
     restore_generators(mine.file);
-    for (size_t i = 0; i < core.loaders.size(); ++i)
-      core.loaders[i].set_position(mine.positions[i]);
     core.step = mine.step;
   });
   if (picked) project.iteration = *picked + 1;
@@ -962,13 +1032,39 @@ void Accelerator::begin_auto_resume() {
   const auto& state = *core.state;
   const fs::path root =
       normalized((fs::path(core.config.project_config.project_dir) / kCheckpointsFolder).string());
-  std::string name;
+  // "<next iteration> <checkpoint name>", picked by process 0 so that every process resumes
+  // from the same one even if another is being written meanwhile.
+  std::string picked;
   on_all_processes(state, "restart", [&] {
     if (process_index() != 0) return;
-    if (auto latest = latest_checkpoint(root.string()))
-      name = fs::path(*latest).filename().string();
+    auto all = list_checkpoints(root.string());
+    if (all.empty()) return;
+    // Numbering goes on after the newest checkpoint even when it is skipped below, so that
+    // saves never collide with (or silently replace) a corrupted one left for inspection.
+    picked = std::to_string(all.back().first + 1) + " ";
+    // A corrupted checkpoint must not end the run while an older one can continue it: every
+    // restart would fail the same way.
+    for (auto it = all.rbegin(); it != all.rend(); ++it) {
+      try {
+        (void)read_checkpoint_info(it->second);
+        picked += fs::path(it->second).filename().string();
+        return;
+      } catch (const c10::Error& e) {
+        std::cerr << "accelerate: warning: restart " << core.config.restart_count << ": "
+                  << e.what_without_backtrace()
+                  << (std::next(it) == all.rend()
+                          ? "; no earlier complete checkpoint"
+                          : "; falling back to the previous complete checkpoint")
+                  << std::endl;
+      }
+    }
   });
-  if (state.use_distributed()) name = detail::broadcast_bytes(state, "restart", name, 0);
+  if (state.use_distributed()) picked = detail::broadcast_bytes(state, "restart", picked, 0);
+  const auto space = picked.find(' ');
+  const std::string name = space == std::string::npos ? "" : picked.substr(space + 1);
+  if (space != std::string::npos) {
+    core.config.project_config.iteration = std::stoll(picked.substr(0, space));
+  }
   if (name.empty()) {
     if (is_main_process()) {
       std::cerr << "accelerate: restart " << core.config.restart_count
@@ -980,7 +1076,8 @@ void Accelerator::begin_auto_resume() {
   auto resume = std::make_shared<detail::AutoResume>();
   resume->dir = root / name;
   on_all_processes(state, "restart", [&] {
-    resume->info = read_checkpoint_info(resume->dir.string());
+    // Process 0 verified the checksums while picking; the others see the same files.
+    resume->info = read_checkpoint_info(resume->dir.string(), process_index() != 0);
     TORCH_CHECK(resume->info.world_size == num_processes(), "accelerate: restart: ", resume->dir,
                 " was saved by ", resume->info.world_size, " process(es) and this run has ",
                 num_processes());
@@ -991,8 +1088,6 @@ void Accelerator::begin_auto_resume() {
       core.scaler->load_state_dict(scaler_from_json(read_text(file), file.string()));
     }
   });
-  core.config.project_config.iteration =
-      std::stoll(name.substr(std::string(kCheckpointPrefix).size())) + 1;
   core.resume = std::move(resume);
   if (is_main_process()) {
     std::cerr << "accelerate: restart " << core.config.restart_count << ": resuming from "
@@ -1031,7 +1126,7 @@ void Accelerator::resume_next(ResumeKind kind) {
       break;
     case ResumeKind::kDataLoader:
       check("data loader(s)", static_cast<int64_t>(resume.mine.positions.size()));
-      core.loaders[i].set_position(resume.mine.positions[i]);
+      restore_loader_position(core.loaders[i], i, resume.mine.positions[i], "restart", dir);
       break;
   }
   // Building the next objects may draw random numbers; the state after the last restore is the

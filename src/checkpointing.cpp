@@ -3,6 +3,7 @@
 #include "accelerate/big_modeling.h"
 #include "accelerate/offload.h"
 #include "accelerate/safetensors.h"
+#include "detail/checksum.h"
 #include "detail/file_mapping.h"
 #include "fsdp_core.h"
 #include "tensor_data.h"
@@ -19,6 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <numeric>
 #include <set>
 #include <sstream>
 
@@ -138,12 +140,14 @@ std::vector<std::string> save_model(const torch::nn::Module& model, const std::s
   }
   const auto tensors = model_state(model);
   return detail::save_model_streaming(
-      tensors, directory, options, [&](size_t i) { return tensors[i].second; }, true);
+      tensors, directory, options, [&](size_t i) { return tensors[i].second; }, true,
+      /*fetch_twice=*/true);
 }
 
 std::vector<std::string> detail::save_model_streaming(
     const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& directory,
-    const SaveModelOptions& options, const std::function<at::Tensor(size_t)>& fetch, bool write) {
+    const SaveModelOptions& options, const std::function<at::Tensor(size_t)>& fetch, bool write,
+    bool fetch_twice) {
   TORCH_CHECK(options.safe_serialization,
               "accelerate: save_model writes safetensors only (safe_serialization=false would "
               "need Python's pickle format, which LibTorch cannot write)");
@@ -156,6 +160,13 @@ std::vector<std::string> detail::save_model_streaming(
 
   std::vector<std::string> written;
   nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+  nlohmann::ordered_json shard_sums = nlohmann::ordered_json::object();
+  std::map<std::string, uint32_t> written_sums;
+  struct SinkGuard {
+    std::map<std::string, uint32_t>* previous;
+    ~SinkGuard() { detail::checksum_sink() = previous; }
+  } sink_guard{detail::checksum_sink()};
+  detail::checksum_sink() = &written_sums;
   for (const auto& [file, names] : plan.shards) {
     std::vector<std::pair<std::string, at::Tensor>> part;
     std::vector<size_t> index;
@@ -165,14 +176,36 @@ std::vector<std::string> detail::save_model_streaming(
       weight_map[name] = file;
     }
     const auto path = (fs::path(directory) / file).string();
+    auto file_metadata = metadata;
+    if (write && fetch_twice && plan.shards.size() == 1) {
+      // The header cannot hold a checksum of the file it is part of: it gets the data buffer's,
+      // in the buffer's order (decreasing element size, stable; see safetensors.h).
+      std::vector<size_t> order(part.size());
+      std::iota(order.begin(), order.end(), size_t{0});
+      std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+        return part[a].second.element_size() > part[b].second.element_size();
+      });
+      uint32_t crc = 0;
+      for (size_t k : order) {
+        const at::Tensor t = fetch(index[k]).detach().to(at::kCPU).contiguous();
+        crc = detail::crc32c(crc, t.data_ptr(), t.nbytes());
+      }
+      file_metadata[kDataChecksumKey] = detail::crc32c_hex(crc);
+    }
     safetensors::detail::save_file_streaming(
-        part, path, metadata, [&](size_t k) { return fetch(index[k]); }, write);
+        part, path, file_metadata, [&](size_t k) { return fetch(index[k]); }, write);
+    if (write && plan.shards.size() > 1) {
+      // Hashed as written (write_file_atomically_with records it); read back only if not.
+      const auto sum = written_sums.find(path);
+      shard_sums[file] = detail::crc32c_hex(
+          sum != written_sums.end() ? sum->second : detail::crc32c_of_file(path));
+    }
     written.push_back(path);
   }
   if (!write) return {};
   if (plan.shards.size() > 1) {
     nlohmann::ordered_json index;
-    index["metadata"] = {{"total_size", plan.total_size}};
+    index["metadata"] = {{"total_size", plan.total_size}, {kShardChecksumsKey, shard_sums}};
     index["weight_map"] = weight_map;
     const auto path = fs::path(directory) / kSafeWeightsIndexName;
     const std::string text = index.dump(2) + "\n";
@@ -203,7 +236,20 @@ LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string&
   fs::path index_path;
   const fs::path p(path);
   TORCH_CHECK(fs::exists(p), "accelerate: no checkpoint at ", path);
+  auto refuse_pickle = [](const fs::path& what) {
+    // Without this, the pickle's first bytes read as an absurd safetensors header length.
+    TORCH_CHECK(false, "accelerate: ", what.string(),
+                ": pickle checkpoints are not supported; convert to safetensors");
+  };
+  const auto ends_with = [](const std::string& text, const std::string& tail) {
+    return text.size() >= tail.size() &&
+           text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
+  };
   if (fs::is_directory(p)) {
+    if (!fs::exists(p / kSafeWeightsIndexName) && !fs::exists(p / kSafeWeightsName)) {
+      if (fs::exists(p / kPickleWeightsIndexName)) refuse_pickle(p / kPickleWeightsIndexName);
+      if (fs::exists(p / kPickleWeightsName)) refuse_pickle(p / kPickleWeightsName);
+    }
     if (fs::exists(p / kSafeWeightsIndexName)) {
       index_path = p / kSafeWeightsIndexName;
     } else {
@@ -211,6 +257,9 @@ LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string&
                   kSafeWeightsName, " nor ", kSafeWeightsIndexName);
       files.push_back(p / kSafeWeightsName);
     }
+  } else if (ends_with(p.filename().string(), ".bin") ||
+             ends_with(p.filename().string(), ".bin.index.json")) {
+    refuse_pickle(p);
   } else if (p.extension() == ".json") {
     index_path = p;
   } else {
@@ -236,6 +285,28 @@ LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string&
       TORCH_CHECK(f.find('/') == std::string::npos && f != ".." && !f.empty(),
                   "accelerate: ", index_path.string(), " names a shard outside its directory: ", f);
       if (shard_names.insert(f).second) files.push_back(index_path.parent_path() / f);
+    }
+    const auto meta = index.find("metadata");
+    if (options.verify && meta != index.end() && meta->is_object() &&
+        meta->contains(kShardChecksumsKey)) {
+      const auto& sums = (*meta)[kShardChecksumsKey];
+      TORCH_CHECK(sums.is_object(), "accelerate: ", index_path.string(), ": \"", kShardChecksumsKey,
+                  "\" is not an object");
+      for (const auto& file : files) {
+        const auto it = sums.find(file.filename().string());
+        if (it == sums.end()) continue;
+        uint32_t recorded = 0;
+        TORCH_CHECK(it->is_string() && detail::parse_crc32c_hex(it->get<std::string>(), &recorded),
+                    "accelerate: ", index_path.string(), ": the checksum of ",
+                    file.filename().string(), " is not 8 lower-case hex digits");
+        TORCH_CHECK(fs::exists(file), "accelerate: ", index_path.string(), " names ", file.string(),
+                    ", which is missing");
+        const uint32_t actual = detail::crc32c_of_file(file.string());
+        TORCH_CHECK(actual == recorded, "accelerate: ", file.string(),
+                    " is corrupted: its CRC32C is ", detail::crc32c_hex(actual), ", ",
+                    index_path.filename().string(), " recorded ", detail::crc32c_hex(recorded),
+                    " (verify=false loads it anyway)");
+      }
     }
   }
 
@@ -294,6 +365,18 @@ LoadReport load_checkpoint_in_model(torch::nn::Module& model, const std::string&
   torch::NoGradGuard no_grad;
   for (const auto& file : files) {
     const auto shard = safetensors::load_file(file.string());
+    const auto sum = shard.metadata.find(kDataChecksumKey);
+    if (options.verify && sum != shard.metadata.end()) {
+      uint32_t recorded = 0;
+      TORCH_CHECK(detail::parse_crc32c_hex(sum->second, &recorded), "accelerate: ", file.string(),
+                  ": the header's \"", kDataChecksumKey, "\" is not 8 lower-case hex digits");
+      const uint32_t actual =
+          detail::crc32c_of_file(file.string(), safetensors::read_header(file.string()).data_start);
+      TORCH_CHECK(actual == recorded, "accelerate: ", file.string(),
+                  " is corrupted: the CRC32C of its data is ", detail::crc32c_hex(actual),
+                  ", its header recorded ", detail::crc32c_hex(recorded),
+                  " (verify=false loads it anyway)");
+    }
     for (const auto& [name, value] : shard.tensors) {
       auto it = targets.find(name);
       if (it == targets.end()) {

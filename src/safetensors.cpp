@@ -1,5 +1,6 @@
 #include <accelerate/safetensors.h>
 
+#include "detail/checksum.h"
 #include "detail/file_mapping.h"
 
 #include <c10/util/Exception.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -160,13 +162,63 @@ void check_coverage(const std::vector<TensorInfo>& tensors, uint64_t data_size) 
               " bytes after the last tensor (ends at ", expected, ") that no tensor covers");
 }
 
+// One past the '}' that closes the object `text` starts with, or npos when it never closes.
+// nlohmann's parser cannot say where a value ended, and it takes a NUL byte for the end of its
+// input, so "{...}\0anything" would pass as a clean header: the end is found here instead and
+// what follows it is checked by hand. Brackets need not match in kind; the JSON parser refuses
+// the text up to here if they do not.
+size_t json_object_end(std::string_view text) {
+  int64_t depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      ++depth;
+    } else if ((c == '}' || c == ']') && --depth == 0) {
+      return i + 1;
+    }
+  }
+  return std::string_view::npos;
+}
+
+std::string byte_text(char c) {
+  char buffer[8];
+  std::snprintf(buffer, sizeof(buffer), "0x%02x",
+                static_cast<unsigned>(static_cast<unsigned char>(c)));
+  return buffer;
+}
+
 // Validates the header text given the size of the data buffer that follows it.
 Header parse_header_text(std::string_view text, uint64_t data_start, uint64_t data_size) {
   // As the reference implementation: a header that does not start with '{' is refused before
   // any JSON parsing, which also rejects leading whitespace tricks.
   TORCH_CHECK(!text.empty() && text.front() == '{',
               "safetensors header must start with '{' (is this a safetensors file?)");
-  const Json json = parse_json(text);
+  // Offsets in errors count from the start of the file, where a hex dump would show them.
+  const size_t end = json_object_end(text);
+  const std::string_view json_text = text.substr(0, end);
+  const size_t nul = json_text.find('\0');
+  TORCH_CHECK(nul == std::string_view::npos, "safetensors header has a NUL byte at file offset ",
+              8 + nul, " inside its JSON text");
+  const Json json = parse_json(json_text);
+  // The format pads the header with spaces so that the data buffer starts aligned; anything
+  // else after the JSON is a damaged or crafted file.
+  for (size_t i = json_text.size(); i < text.size(); ++i) {
+    TORCH_CHECK(text[i] == ' ', "safetensors header has the byte ", byte_text(text[i]),
+                " at file offset ", 8 + i, " after its JSON text, which ends at offset ",
+                8 + json_text.size(), "; only spaces (0x20) may pad it");
+  }
   TORCH_CHECK(json.is_object(), "safetensors header must be a JSON object, got ", json.type_name());
   Header header;
   header.data_start = data_start;
@@ -308,6 +360,49 @@ void drop_cached_pages(const std::string& path) {
   (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_DONTNEED);
 }
 
+// Callers of read_header and load_file go through many files (shards, checkpoint parts); an
+// error that does not say which one is broken leaves them guessing. Only for errors that do not
+// name the file already (open, stat and read errors do).
+template <class Body>
+auto naming_file(const std::string& path, Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, in_quotes(path), ": ", e.what_without_backtrace());
+  }
+}
+
+// The header of the open regular file `fd` of `size` bytes, reading only the header bytes.
+Header read_header_of(int fd, uint64_t size, const std::string& path) {
+  char prefix[8] = {};
+  if (size >= 8) read_exact(fd, prefix, 8, 0, path);
+  const uint64_t n =
+      naming_file(path, [&] { return header_length(std::string_view(prefix, 8), size); });
+  std::string text(n, '\0');
+  read_exact(fd, text.data(), n, 8, path);
+  return naming_file(path, [&] { return parse_header_text(text, 8 + n, size - 8 - n); });
+}
+
+// load_file without a mapping: every tensor owns memory filled by pread, so nothing the file
+// goes through afterwards can reach it.
+SafetensorsFile load_copy(const std::string& path) {
+  const FileDescriptor fd = open_read_only(path);
+  Header header = read_header_of(fd.get(), regular_file_size(fd.get(), path), path);
+  SafetensorsFile file;
+  file.metadata = std::move(header.metadata);
+  for (const auto& info : header.tensors) {
+    at::Tensor tensor = at::empty(info.shape, at::TensorOptions().dtype(info.dtype));
+    auto* data = static_cast<char*>(tensor.data_ptr());
+    // A file cut short since its size was taken fails here, naming it, rather than leaving part
+    // of the tensor uninitialised.
+    if (info.nbytes() > 0)
+      read_exact(fd.get(), data, info.nbytes(), header.data_start + info.begin, path);
+    naming_file(path, [&] { check_bools(info, data); });
+    file.tensors.emplace_back(info.name, std::move(tensor));
+  }
+  return file;
+}
+
 }  // namespace
 
 namespace detail {
@@ -435,7 +530,14 @@ void detail::write_file_atomically_with(
   FileDescriptor fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
   TORCH_CHECK(fd.get() >= 0, "cannot create ", in_quotes(temp), ": ", errno_text());
   try {
-    produce([&](const char* data, size_t size) { write_all(fd.get(), data, size, temp); });
+    // Hashed while the bytes are in the cache anyway: reading the file back costs more.
+    auto* const sums = accelerate::detail::checksum_sink();
+    uint32_t crc = 0;
+    produce([&](const char* data, size_t size) {
+      write_all(fd.get(), data, size, temp);
+      if (sums) crc = accelerate::detail::crc32c(crc, data, size);
+    });
+    if (sums) (*sums)[path] = crc;
     TORCH_CHECK(::fsync(fd.get()) == 0, "cannot fsync ", in_quotes(temp), ": ", errno_text());
     TORCH_CHECK(::close(fd.release()) == 0, "cannot close ", in_quotes(temp), ": ", errno_text());
     TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "cannot rename ", in_quotes(temp),
@@ -461,13 +563,7 @@ Header parse_header(std::string_view bytes) {
 
 Header read_header(const std::string& path) {
   const FileDescriptor fd = open_read_only(path);
-  const uint64_t size = regular_file_size(fd.get(), path);
-  char prefix[8] = {};
-  if (size >= 8) read_exact(fd.get(), prefix, 8, 0, path);
-  const uint64_t n = header_length(std::string_view(prefix, 8), size);
-  std::string text(n, '\0');
-  read_exact(fd.get(), text.data(), n, 8, path);
-  return parse_header_text(text, 8 + n, size - 8 - n);
+  return read_header_of(fd.get(), regular_file_size(fd.get(), path), path);
 }
 
 SafetensorsFile deserialize(std::string_view bytes) {
@@ -481,36 +577,32 @@ SafetensorsFile deserialize(std::string_view bytes) {
   return file;
 }
 
-SafetensorsFile load_file(const std::string& path) {
+SafetensorsFile load_file(const std::string& path, const LoadOptions& options) {
+  if (options.copy) return load_copy(path);
   // Private and copy-on-write: tensors updated in place (optimizer steps) never change the file.
   const std::shared_ptr<accelerate::detail::FileMapping> mapping =
       accelerate::detail::map_file(path);
-  TORCH_CHECK(mapping->size() >= 8, "safetensors file ", in_quotes(path), " is ", mapping->size(),
-              " bytes, shorter than the 8-byte header length");
-  const char* base = mapping->data();
-  Header header;
-  try {
-    header = parse_header(std::string_view(base, mapping->size()));
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(false, in_quotes(path), ": ", e.what_without_backtrace());
-  }
-  SafetensorsFile file;
-  file.metadata = std::move(header.metadata);
-  for (const auto& info : header.tensors) {
-    const uint64_t offset = header.data_start + info.begin;
-    const char* data = base + offset;
-    at::Tensor tensor;
-    // Other writers need not align tensors for their dtype; those are copied, not refused.
-    if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(info.dtype) == 0 &&
-        info.nbytes() > 0) {
-      check_bools(info, data);
-      tensor = accelerate::detail::mapped_tensor(mapping, offset, info.shape, info.dtype);
-    } else {
-      tensor = copy_tensor(info, data);
+  return naming_file(path, [&] {
+    const char* base = mapping->data();
+    Header header = parse_header(std::string_view(base, mapping->size()));
+    SafetensorsFile file;
+    file.metadata = std::move(header.metadata);
+    for (const auto& info : header.tensors) {
+      const uint64_t offset = header.data_start + info.begin;
+      const char* data = base + offset;
+      at::Tensor tensor;
+      // Other writers need not align tensors for their dtype; those are copied, not refused.
+      if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(info.dtype) == 0 &&
+          info.nbytes() > 0) {
+        check_bools(info, data);
+        tensor = accelerate::detail::mapped_tensor(mapping, offset, info.shape, info.dtype);
+      } else {
+        tensor = copy_tensor(info, data);
+      }
+      file.tensors.emplace_back(info.name, std::move(tensor));
     }
-    file.tensors.emplace_back(info.name, std::move(tensor));
-  }
-  return file;
+    return file;
+  });
 }
 
 }  // namespace accelerate::safetensors

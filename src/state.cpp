@@ -10,16 +10,89 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <mutex>
+#include <sstream>
+#include <string>
 
 namespace accelerate {
 namespace {
 
+// What one call's options come to once the environment is applied: an option left unset takes
+// ACCELERATE_USE_CPU / ACCELERATE_DEBUG_MODE, then the default, and the source is kept so that a
+// conflict can say where each side's value came from.
+struct ResolvedOptions {
+  bool cpu = false;
+  std::string cpu_from;
+  bool debug = false;
+  std::string debug_from;
+};
+
+ResolvedOptions resolve_options(const StateOptions& options, const EnvMap& env) {
+  ResolvedOptions r;
+  auto pick = [&env](std::optional<bool> given, const char* variable, bool& value,
+                     std::string& from) {
+    if (given) {
+      value = *given;
+      from = "the argument";
+    } else if (auto v = env_bool(env, variable)) {
+      value = *v;
+      from = variable;
+    } else {
+      value = false;
+      from = "the default";
+    }
+  };
+  pick(options.cpu, "ACCELERATE_USE_CPU", r.cpu, r.cpu_from);
+  pick(options.debug, "ACCELERATE_DEBUG_MODE", r.debug, r.debug_from);
+  return r;
+}
+
 std::mutex g_shared_mutex;
 std::shared_ptr<PartialState> g_shared;
+// How the shared state's options were resolved when it was created, for the error a later,
+// conflicting call gets.
+ResolvedOptions g_shared_resolved;
 
-bool same_options(const StateOptions& a, const StateOptions& b) {
-  return a.cpu == b.cpu && a.debug == b.debug && a.init_kwargs.backend == b.init_kwargs.backend &&
-         a.init_kwargs.timeout == b.init_kwargs.timeout;
+const char* bool_name(bool b) {
+  return b ? "true" : "false";
+}
+
+// The reasons, "" when none, that a later shared() call with `options` cannot be given `state`.
+// Only what the call sets is compared, and against what it resolves to on this machine: cpu=true
+// from an Accelerator, ACCELERATE_USE_CPU=true from `accelerate launch --cpu`, and cpu=false on a
+// machine without CUDA all mean the same CPU state. An unset option (and the default timeout,
+// which cannot be told apart from an unset one) asks for nothing, so that code which only wants
+// "the" state can call shared() after whoever created it.
+std::string conflicts_with(const PartialState& state, const ResolvedOptions& created,
+                           const StateOptions& options) {
+  std::ostringstream out;
+  auto add = [&out](const auto&... parts) {
+    out << (out.tellp() > 0 ? "; " : "");
+    (out << ... << parts);
+  };
+  if (options.cpu) {
+    const bool wants_cpu = *options.cpu || !torch::cuda::is_available();
+    if (wants_cpu != state.device().is_cpu()) {
+      add("cpu is ", bool_name(created.cpu), " (from ", created.cpu_from, ", device ",
+          state.device().str(), ") but this call asks for ", bool_name(*options.cpu),
+          " (from the argument, device ", wants_cpu ? "cpu" : "cuda", ")");
+    }
+  }
+  if (options.debug && *options.debug != state.debug()) {
+    add("debug is ", bool_name(state.debug()), " (from ", created.debug_from,
+        ") but this call asks for ", bool_name(*options.debug), " (from the argument)");
+  }
+  // A single process has no process group, so the backend it would use is moot.
+  if (options.init_kwargs.backend && state.use_distributed() &&
+      *options.init_kwargs.backend != state.backend()) {
+    add("init_kwargs.backend is \"", state.backend(), "\" but this call asks for \"",
+        *options.init_kwargs.backend, "\"");
+  }
+  if (options.init_kwargs.timeout != InitProcessGroupKwargs{}.timeout &&
+      options.init_kwargs.timeout != state.timeout()) {
+    add("init_kwargs.timeout is ", state.timeout().count(), " ms but this call asks for ",
+        options.init_kwargs.timeout.count(), " ms");
+  }
+  return out.str();
 }
 
 bool is_loopback(const std::string& addr) {
@@ -47,12 +120,15 @@ std::string to_string(DistributedType type) {
 PartialState& PartialState::shared(const StateOptions& options) {
   std::lock_guard<std::mutex> lock(g_shared_mutex);
   if (!g_shared) {
-    g_shared = from_environment(options);
+    const EnvMap env = current_environment();
+    g_shared = from_environment(options, env);
+    g_shared_resolved = resolve_options(options, env);
   } else {
-    // A default-constructed options object means "whatever was set up already".
-    TORCH_CHECK(same_options(options, StateOptions{}) || same_options(options, g_shared->options_),
-                "accelerate: the shared PartialState was already created with other options; "
-                "create it once (the first Accelerator or PartialState::shared call decides)");
+    const std::string conflicts = conflicts_with(*g_shared, g_shared_resolved, options);
+    TORCH_CHECK(
+        conflicts.empty(),
+        "accelerate: the shared PartialState was already created with other options: ", conflicts,
+        "; create it once (the first Accelerator or PartialState::shared call decides)");
   }
   return *g_shared;
 }
@@ -104,8 +180,9 @@ void PartialState::init(const ProcessTopology& topology, const StateOptions& opt
   const EnvMap process_env = current_environment();
   detail::apply_allocator_defaults(process_env);
   detail::install_cpu_caching_allocator(process_env);
-  const bool cpu = options.cpu.value_or(env_bool(env, "ACCELERATE_USE_CPU").value_or(false));
-  debug_ = options.debug.value_or(env_bool(env, "ACCELERATE_DEBUG_MODE").value_or(false));
+  const ResolvedOptions resolved = resolve_options(options, env);
+  const bool cpu = resolved.cpu;
+  debug_ = resolved.debug;
   timeout_ = options.init_kwargs.timeout;
   TORCH_CHECK(timeout_.count() > 0, "accelerate: InitProcessGroupKwargs.timeout must be positive");
 

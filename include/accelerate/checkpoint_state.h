@@ -15,6 +15,14 @@
 ///                                                      data loaders' positions, the step counter
 ///   accelerate_state.json                              the completion marker, written last
 ///
+/// Integrity: the marker lists every other file with its size ("files") and its CRC32C
+/// ("crc32c", 8 hex digits of the whole file). load_state checks both before changing anything
+/// and refuses a checkpoint whose file differs, naming it; a restart (automatic resume) falls
+/// back to the newest checkpoint that passes, with a warning. Markers without "crc32c" (older
+/// saves) are checked by size only. Setting ACCELERATE_CHECKPOINT_CHECKSUMS=0 saves without
+/// checksums. The saving process hashes the files it writes as it writes them and reads back
+/// only the others' (cost: benchmarks/README.md, "Checkpoint checksums").
+///
 /// The base names are Accelerate's constants (MODEL_NAME, OPTIMIZER_NAME, SCHEDULER_NAME,
 /// SCALER_NAME, RNG_STATE_NAME, "custom_checkpoint"); the extensions say the format, since
 /// nothing is pickled: tensors go into safetensors files, a few numbers into JSON.
@@ -66,6 +74,8 @@ inline constexpr const char* kCheckpointMarkerName = "accelerate_state.json";
 /// automatic_checkpoint_naming: `<project_dir>/checkpoints/checkpoint_<iteration>`.
 inline constexpr const char* kCheckpointsFolder = "checkpoints";
 inline constexpr const char* kCheckpointPrefix = "checkpoint_";
+/// "0" turns off the checksums save_state records.
+inline constexpr const char* kCheckpointChecksumsEnv = "ACCELERATE_CHECKPOINT_CHECKSUMS";
 /// Bumped when the layout changes in a way older readers cannot load.
 inline constexpr int kCheckpointFormatVersion = 1;
 
@@ -133,15 +143,18 @@ struct CheckpointInfo {
   bool has_scaler = false;
   /// Every other file of the checkpoint with its size in bytes, checked before loading.
   std::vector<std::pair<std::string, int64_t>> files;
+  /// CRC32C of whole files in `files`; empty for checkpoints saved without checksums.
+  std::map<std::string, uint32_t> crc32c;
 
   std::string to_json() const;
   /// Parses a marker; errors name `source` and the bad field.
   static CheckpointInfo from_json(const std::string& text, const std::string& source);
 };
 
-/// Reads `directory`'s marker and checks that every file it lists is there with its size.
-/// A directory without a marker gets an error saying it is not a complete checkpoint.
-CheckpointInfo read_checkpoint_info(const std::string& directory);
+/// Reads `directory`'s marker and checks that every file it lists is there with its size and,
+/// with `verify`, its recorded CRC32C (an error naming the corrupted file). A directory without
+/// a marker gets an error saying it is not a complete checkpoint.
+CheckpointInfo read_checkpoint_info(const std::string& directory, bool verify = true);
 
 /// The complete `checkpoint_<n>` directory with the largest n under `checkpoints_dir`;
 /// nullopt when there is none. Incomplete ones (no marker, or `.partial`) are skipped.

@@ -9,6 +9,16 @@
 /// `named_parameters()` / `named_buffers()` names, which are PyTorch's state_dict names for the
 /// same architecture, so the files load in Python's transformers/accelerate and back.
 ///
+/// Integrity: save_model records CRC32C checksums where Hugging Face's readers ignore them. A
+/// single file gets `"accelerate_crc32c"` in its `__metadata__`: the checksum of its data buffer
+/// (the bytes after the header; a header cannot hold a checksum of itself). A sharded save gets
+/// `"accelerate_crc32c": {shard: checksum}` in the index's "metadata", each of a whole shard
+/// file. Checksums are 8 lower-case hex digits. load_checkpoint_in_model verifies those present
+/// (LoadCheckpointOptions::verify) and refuses a file that differs, naming it; files without
+/// them (other writers, fully sharded saves to one file, whose data is produced once) load as
+/// before. Pickle checkpoints (`pytorch_model.bin`, `pytorch_model.bin.index.json`) are refused
+/// with a message saying to convert them to safetensors.
+///
 /// Example:
 /// \code
 ///   accelerate::save_model(*model, "out", {.max_shard_size = "200MB"});
@@ -32,6 +42,13 @@ namespace accelerate {
 /// Hugging Face's file names.
 inline constexpr const char* kSafeWeightsName = "model.safetensors";
 inline constexpr const char* kSafeWeightsIndexName = "model.safetensors.index.json";
+/// Hugging Face's pickle names, recognised only to be refused with a clear message.
+inline constexpr const char* kPickleWeightsName = "pytorch_model.bin";
+inline constexpr const char* kPickleWeightsIndexName = "pytorch_model.bin.index.json";
+/// The `__metadata__` key of a single file's data-buffer checksum, and the index "metadata" key
+/// of the shards' checksums.
+inline constexpr const char* kDataChecksumKey = "accelerate_crc32c";
+inline constexpr const char* kShardChecksumsKey = "accelerate_crc32c";
 
 /// Parses a shard size: a byte count ("1000"), or a number with KB/MB/GB/TB (powers of 1000) or
 /// KiB/MiB/GiB/TiB (powers of 1024), as Hugging Face's `convert_file_size_to_int`. Errors name
@@ -73,10 +90,13 @@ std::vector<std::string> save_model(const torch::nn::Module& model, const std::s
 namespace detail {
 /// save_model for tensors produced one at a time: `tensors` gives names, shapes and dtypes,
 /// `fetch(i)` the values of tensors[i] when they are written; processes with `write` false only
-/// call `fetch` in the same order (they take part in producing the tensors).
+/// call `fetch` in the same order (they take part in producing the tensors). `fetch_twice`
+/// says fetching is cheap enough to do twice per tensor, which a single file's data checksum
+/// needs (it goes in the header, written before the data); shards are checksummed regardless.
 std::vector<std::string> save_model_streaming(
     const std::vector<std::pair<std::string, at::Tensor>>& tensors, const std::string& directory,
-    const SaveModelOptions& options, const std::function<at::Tensor(size_t)>& fetch, bool write);
+    const SaveModelOptions& options, const std::function<at::Tensor(size_t)>& fetch, bool write,
+    bool fetch_twice = false);
 }  // namespace detail
 
 /// Options for load_checkpoint_in_model (Accelerate's keyword arguments).
@@ -107,6 +127,9 @@ struct LoadCheckpointOptions {
   bool offload_buffers = false;
   /// With dtype float16, weights of these modules ("head", or a full tensor name) stay float32.
   std::vector<std::string> keep_in_fp32_modules;
+  /// Check the checksums save_model recorded (when there are any) and refuse a file that
+  /// differs. false loads it anyway (reading every byte once more costs about 0.2 s per GiB).
+  bool verify = true;
 };
 
 /// What loading found.

@@ -99,6 +99,14 @@ struct Header {
 /// copy-on-write mapping of the file (no copy is made); writing to them never reaches the file.
 /// The mapping stays alive as long as any such tensor does. Others are copies.
 ///
+/// Mapped tensors read the file itself for as long as they live, so it must not change under
+/// them. Replacing it by rename, as `save_file` does, is safe: the tensors keep the old file.
+/// Changing it in place is not: every page a tensor has not written to shows the new bytes, and
+/// once another process truncates the file, touching a page past its new end raises SIGBUS,
+/// which kills the process. Load files that others may rewrite in place (a writer that opens
+/// with truncation, such as Python's `safetensors.torch.save_file`) with
+/// `LoadOptions{.copy = true}`: those tensors own their memory.
+///
 /// Example:
 /// \code
 ///   auto file = accelerate::safetensors::load_file("model.safetensors");
@@ -207,15 +215,29 @@ void save_file(const Dict& tensors, const std::string& path,
 /// \endcode
 SafetensorsFile deserialize(std::string_view bytes);
 
-/// Maps `path` and loads every tensor (see SafetensorsFile for sharing and copying).
+/// How `load_file` reads a file.
+struct LoadOptions {
+  /// Read every tensor into memory of its own (with pread) instead of mapping the file: costs a
+  /// copy and the memory up front, but later changes to the file, truncation included, cannot
+  /// reach the tensors. For files another process may rewrite in place while they are in use.
+  bool copy = false;
+};
+
+/// Maps `path` and loads every tensor (see SafetensorsFile for sharing and copying, and for why
+/// a mapped file must not be truncated while its tensors live); with `options.copy`, reads them
+/// into memory of their own instead. Every error about the file's contents names `path`.
 ///
 /// Example:
 /// \code
 ///   auto file = accelerate::safetensors::load_file("model.safetensors");
+///   // A file that another process may rewrite in place while its tensors are in use:
+///   auto copied = accelerate::safetensors::load_file("shared.safetensors", {.copy = true});
 /// \endcode
-SafetensorsFile load_file(const std::string& path);
+SafetensorsFile load_file(const std::string& path, const LoadOptions& options = {});
 
-/// The validated header of a whole file's bytes.
+/// The validated header of a whole file's bytes. After the JSON object, only spaces (the
+/// format's padding) may fill the declared header length: any other byte, NUL included, is an
+/// error.
 ///
 /// Example:
 /// \code
@@ -223,7 +245,8 @@ SafetensorsFile load_file(const std::string& path);
 /// \endcode
 Header parse_header(std::string_view bytes);
 
-/// The validated header of the file at `path`, reading only the header bytes.
+/// The validated header of the file at `path`, reading only the header bytes; its errors name
+/// `path`.
 ///
 /// Example:
 /// \code

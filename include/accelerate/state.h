@@ -94,8 +94,11 @@ class [[nodiscard]] ProcessesFirst {
 class PartialState : public std::enable_shared_from_this<PartialState> {
  public:
   /// The process-wide state, created from the environment on first use with `options`.
-  /// Later calls return the same object; passing options that differ from the first call's
-  /// is an error (Accelerate shares one state across all Accelerator instances).
+  /// Later calls return the same object (Accelerate shares one state across all Accelerator
+  /// instances). What a later call sets is compared with what the state resolved to, not with
+  /// the first call's raw options: cpu=true matches a state put on the CPU by ACCELERATE_USE_CPU
+  /// or by a machine without CUDA. Unset options (and the default timeout) ask for nothing. A
+  /// real conflict is an error naming each option with both values and where they came from.
   static PartialState& shared(const StateOptions& options = {});
   /// The shared state, if it was created.
   static std::shared_ptr<PartialState> shared_if_created();

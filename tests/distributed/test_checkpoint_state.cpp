@@ -9,6 +9,7 @@
 
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
+#include "../../src/detail/checksum.h"
 #include "expect_error.h"
 #include "launch_util.h"
 #include "thread_ranks.h"
@@ -105,6 +106,7 @@ TEST(CheckpointStateRanks, AFailureOnOneRankFailsEveryRankInsteadOfHanging) {
   const auto marker = dir / accelerate::kCheckpointMarkerName;
   auto j = nlohmann::ordered_json::parse(accelerate::testing::read_text_file(marker));
   j["files"].erase("random_states_1.safetensors");
+  j["crc32c"].erase("random_states_1.safetensors");
   std::ofstream(marker, std::ios::trunc) << j.dump();
 
   auto errors = run_ranks_collect(2, [&](PartialState& s) {
@@ -117,6 +119,42 @@ TEST(CheckpointStateRanks, AFailureOnOneRankFailsEveryRankInsteadOfHanging) {
     EXPECT_NE(text.find("process 1: accelerate: load_state: "), std::string::npos) << text;
     EXPECT_NE(text.find("random_states_1.safetensors\" is missing"), std::string::npos) << text;
     EXPECT_EQ(text.find("process 0:"), std::string::npos) << text;
+  }
+}
+
+// A file written by process 1 (its generator and loader state) with a flipped byte: every
+// process checks every file, so every one refuses it, naming it.
+TEST(CheckpointStateRanks, ACorruptedFileOfAnotherRankIsRefusedEverywhere) {
+  TempDir tmp;
+  const auto dir = tmp.path() / "ckpt";
+  run_ranks(2, [&](PartialState& s) {
+    Accelerator accelerator(on(s));
+    accelerator.save_state(dir.string());
+  });
+  const auto file = dir / "random_states_1.safetensors";
+  const auto marker = nlohmann::json::parse(
+      accelerate::testing::read_text_file(dir / accelerate::kCheckpointMarkerName));
+  const std::string recorded = marker["crc32c"]["random_states_1.safetensors"];
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-1, std::ios::end);
+    f.put('\x7f');
+  }
+  const std::string actual =
+      accelerate::detail::crc32c_hex(accelerate::detail::crc32c_of_file(file.string()));
+  ASSERT_NE(actual, recorded);
+  const std::string one = "accelerate: load_state: \"" + file.string() +
+                          "\" is corrupted: its CRC32C is " + actual +
+                          ", the checkpoint recorded " + recorded;
+  auto errors = run_ranks_collect(2, [&](PartialState& s) {
+    Accelerator accelerator(on(s));
+    accelerator.load_state(dir.string());
+  });
+  ASSERT_EQ(errors.size(), 2u);
+  for (const auto& error : errors) {
+    const auto text = accelerate::testing::message(error);
+    EXPECT_EQ(text.substr(0, text.find("\nException raised from")),
+              "accelerate: load_state failed\nprocess 0: " + one + "\nprocess 1: " + one);
   }
 }
 

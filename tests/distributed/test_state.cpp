@@ -3,6 +3,7 @@
 #include <accelerate/state.h>
 
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 
 #include "expect_error.h"
 
@@ -83,6 +84,37 @@ TEST(State, SharedStateIsCreatedOnce) {
   EXPECT_EQ(PartialState::shared_if_created().get(), &a);
   auto msg = error_of([] { PartialState::shared({.debug = true}); });
   EXPECT_NE(msg.find("already created with other options"), std::string::npos) << msg;
+}
+
+TEST(State, SharedStateComparesWhatOptionsResolveTo) {
+  auto& state = PartialState::shared();
+  const bool debug = state.debug();
+  // The value the state already has, given explicitly, is no conflict; nor is cpu=true (what an
+  // Accelerator passes under `accelerate launch --cpu`) for a state that runs on the CPU.
+  EXPECT_EQ(&PartialState::shared({.debug = debug}), &state);
+  if (state.device().is_cpu()) {
+    EXPECT_EQ(&PartialState::shared({.cpu = true}), &state);
+    if (!torch::cuda::is_available()) {
+      EXPECT_EQ(&PartialState::shared({.cpu = false}), &state);
+    }
+  }
+  StateOptions same_timeout;
+  same_timeout.init_kwargs.timeout = state.timeout();
+  EXPECT_EQ(&PartialState::shared(same_timeout), &state);
+
+  auto msg = error_of([&] { PartialState::shared({.debug = !debug}); });
+  EXPECT_NE(msg.find(std::string("debug is ") + (debug ? "true" : "false")), std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find(std::string("but this call asks for ") + (debug ? "false" : "true") +
+                     " (from the argument)"),
+            std::string::npos)
+      << msg;
+  StateOptions other_timeout;
+  other_timeout.init_kwargs.timeout = state.timeout() + std::chrono::seconds(1);
+  msg = error_of([&] { PartialState::shared(other_timeout); });
+  EXPECT_NE(msg.find("init_kwargs.timeout is " + std::to_string(state.timeout().count()) + " ms"),
+            std::string::npos)
+      << msg;
 }
 
 TEST(State, RanksKnowWhoTheyAre) {

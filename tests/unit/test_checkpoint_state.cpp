@@ -12,6 +12,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/sgd.h>
+#include "../../src/detail/checksum.h"
 #include "expect_error.h"
 #include "launch_util.h"
 #include "resume_training.h"
@@ -449,6 +450,153 @@ TEST(CheckpointState, RefusalsNameTheProblemAndChangeNothing) {
   EXPECT_ERROR_CONTAINS(
       bare.register_for_checkpointing(std::shared_ptr<accelerate::Checkpointable>()),
       "null object");
+}
+
+// Flips the bits of the last byte of `file` (its size stays the same).
+void flip_last_byte(const fs::path& file) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(-1, std::ios::end);
+  char c = 0;
+  f.get(c);
+  f.seekp(-1, std::ios::end);
+  f.put(static_cast<char>(~c));
+}
+
+std::string crc_of(const fs::path& file) {
+  return accelerate::detail::crc32c_hex(accelerate::detail::crc32c_of_file(file.string()));
+}
+
+TEST(CheckpointState, EveryFileHasAChecksumAndACorruptedOneIsRefusedByName) {
+  TempDir tmp;
+  const auto dir = tmp.path() / "ckpt";
+  auto make_scheduler = [](torch::optim::Optimizer& opt) {
+    return std::shared_ptr<accelerate::LRScheduler>(
+        accelerate::get_linear_schedule_with_warmup(opt, 0, 10));
+  };
+  auto counter = [](float fill) {
+    auto ema = std::make_shared<torch::nn::LinearImpl>(3, 3);
+    torch::NoGradGuard no_grad;
+    ema->weight.fill_(fill);
+    return ema;
+  };
+  {
+    Small run(single(), 1.0f);
+    run.accelerator.prepare_scheduler(make_scheduler(*run.sgd));
+    run.accelerator.register_for_checkpointing(counter(2.0f));
+    run.accelerator.save_state(dir.string());
+  }
+  const auto marker = nlohmann::json::parse(
+      accelerate::testing::read_text_file(dir / accelerate::kCheckpointMarkerName));
+  // Every file the marker lists has a checksum of the whole file.
+  ASSERT_EQ(marker["crc32c"].size(), marker["files"].size());
+  for (const auto& [name, size] : marker["files"].items()) {
+    EXPECT_EQ(marker["crc32c"][name], crc_of(dir / name)) << name;
+  }
+  const std::vector<std::string> kinds = {"model.safetensors", "optimizer.safetensors",
+                                          "scheduler.json", "custom_checkpoint_0.safetensors",
+                                          "random_states_0.safetensors"};
+  for (const auto& name : kinds) ASSERT_TRUE(marker["crc32c"].contains(name)) << name;
+
+  Small other(single(), 7.0f);
+  other.accelerator.prepare_scheduler(make_scheduler(*other.sgd));
+  auto ema = counter(0.0f);
+  other.accelerator.register_for_checkpointing(ema);
+  for (const auto& name : kinds) {
+    SCOPED_TRACE(name);
+    const auto file = dir / name;
+    const auto pristine = accelerate::testing::read_text_file(file);
+    flip_last_byte(file);
+    EXPECT_EQ(error_of([&] { other.accelerator.load_state(dir.string()); }),
+              "accelerate: load_state: \"" + file.string() + "\" is corrupted: its CRC32C is " +
+                  crc_of(file) + ", the checkpoint recorded " +
+                  marker["crc32c"][name].get<std::string>());
+    // Refused before anything changed.
+    EXPECT_TRUE(same(other.linear->weight.detach(), at::full({2, 4}, 7.0f - 0.1f)));
+    EXPECT_TRUE(same(ema->weight.detach(), at::zeros({3, 3})));
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << pristine;
+  }
+  // Unchanged files load; so does a marker from before checksums (sizes only).
+  other.accelerator.load_state(dir.string());
+  EXPECT_TRUE(same(ema->weight.detach(), at::full({3, 3}, 2.0f)));
+  auto old = nlohmann::ordered_json::parse(
+      accelerate::testing::read_text_file(dir / accelerate::kCheckpointMarkerName));
+  old.erase("crc32c");
+  std::ofstream(dir / accelerate::kCheckpointMarkerName, std::ios::trunc) << old.dump(2);
+  flip_last_byte(dir / "scheduler.json");
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()), "is not a scheduler state");
+}
+
+TEST(CheckpointState, ChecksumsCanBeTurnedOffAndBadMarkerEntriesAreRefused) {
+  TempDir tmp;
+  const auto dir = tmp.path() / "ckpt";
+  {
+    accelerate::PatchEnvironment off(
+        std::map<std::string, std::string>{{accelerate::kCheckpointChecksumsEnv, "0"}});
+    Small run(single(), 1.0f);
+    run.accelerator.save_state(dir.string());
+  }
+  const auto marker_path = dir / accelerate::kCheckpointMarkerName;
+  const auto original = accelerate::testing::read_text_file(marker_path);
+  EXPECT_EQ(nlohmann::json::parse(original).count("crc32c"), 0u);
+  Small other(single(), 7.0f);
+  other.accelerator.load_state(dir.string());
+  auto edit = [&](const std::function<void(nlohmann::ordered_json&)>& change) {
+    auto j = nlohmann::ordered_json::parse(original);
+    change(j);
+    std::ofstream(marker_path, std::ios::trunc) << j.dump();
+  };
+  edit([](auto& j) { j["crc32c"] = {{"model.safetensors", "ABCDEF01"}}; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()),
+                        "the checksum of \"model.safetensors\" is not 8 lower-case hex digits");
+  edit([](auto& j) { j["crc32c"] = {{"elsewhere.bin", "abcdef01"}}; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()),
+                        "has a checksum of \"elsewhere.bin\", which \"files\" does not list");
+  edit([](auto& j) { j["crc32c"] = 5; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()), "\"crc32c\" is not an object");
+  edit([](auto& j) { j["crc32c"] = {{"model.safetensors", "00000000"}}; });
+  EXPECT_ERROR_CONTAINS(other.accelerator.load_state(dir.string()),
+                        "model.safetensors\" is corrupted");
+  // Without verification, sizes are still checked but not checksums.
+  EXPECT_NO_THROW(accelerate::read_checkpoint_info(dir.string(), /*verify=*/false));
+}
+
+// A restart must not die on a corrupted latest checkpoint while an older one can continue the
+// run: it warns, names the file, and resumes from the previous complete checkpoint.
+TEST(CheckpointState, ARestartFallsBackFromACorruptedCheckpoint) {
+  TempDir tmp;
+  using accelerate::testing::ResumeRun;
+  using accelerate::testing::train_resumable;
+  const auto straight = train_resumable(ResumeRun{.total_steps = 23}, single());
+  const ResumeRun run{
+      .total_steps = 23, .directory = tmp.path().string(), .automatic = true, .save_every = 5};
+  auto crashed = run;
+  crashed.stop_at = 13;  // checkpoint_0 after step 5, checkpoint_1 after step 10
+  train_resumable(crashed, single());
+  const auto newest = tmp.path() / "checkpoints" / "checkpoint_1";
+  const auto file = newest / "model.safetensors";
+  const auto recorded = nlohmann::json::parse(accelerate::testing::read_text_file(
+      newest / accelerate::kCheckpointMarkerName))["crc32c"]["model.safetensors"]
+                            .get<std::string>();
+  flip_last_byte(file);
+  const auto actual = crc_of(file);  // the resumed run's saves may remove the file
+  accelerate::PatchEnvironment restart(
+      std::map<std::string, std::string>{{"ACCELERATE_RESTART_COUNT", "1"}});
+  int64_t started = -1;
+  auto restarted = run;
+  restarted.started_at = &started;
+  ::testing::internal::CaptureStderr();
+  const auto resumed = train_resumable(restarted, single());
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(started, 5);
+  expect_same_state(resumed, straight);
+  EXPECT_NE(err.find("accelerate: warning: restart 1: accelerate: load_state: \"" + file.string() +
+                     "\" is corrupted: its CRC32C is " + actual + ", the checkpoint recorded " +
+                     recorded + "; falling back to the previous complete checkpoint"),
+            std::string::npos)
+      << err;
+  EXPECT_NE(err.find("resuming from \"" + (tmp.path() / "checkpoints" / "checkpoint_0").string()),
+            std::string::npos)
+      << err;
 }
 
 }  // namespace

@@ -10,10 +10,12 @@
 #include <torch/nn/modules/linear.h>
 #include <nlohmann/json.hpp>
 
+#include "../../src/detail/checksum.h"
 #include "expect_error.h"
 
 #include <filesystem>
 #include <fstream>
+#include <string>
 
 namespace {
 
@@ -176,6 +178,162 @@ TEST(Checkpointing, MismatchesAreReportedByName) {
                         "no checkpoint at");
   EXPECT_ERROR_CONTAINS(save_model(*model, dir.string(), {.safe_serialization = false}),
                         "safetensors only");
+  fs::remove_all(dir);
+}
+
+// Flips the bits of the byte `from_end` bytes before the end (in the data buffer).
+void flip_byte(const fs::path& file, int64_t from_end = 1) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(-from_end, std::ios::end);
+  char c = 0;
+  f.get(c);
+  f.seekp(-from_end, std::ios::end);
+  f.put(static_cast<char>(~c));
+}
+
+std::string hex_of_file(const fs::path& file, uint64_t offset = 0) {
+  return accelerate::detail::crc32c_hex(accelerate::detail::crc32c_of_file(file.string(), offset));
+}
+
+TEST(Checkpointing, Crc32cIsTheCastagnoliChecksum) {
+  const std::string text = "123456789";  // the standard check input
+  EXPECT_EQ(accelerate::detail::crc32c(0, text.data(), text.size()), 0xE3069283u);
+  EXPECT_EQ(accelerate::detail::crc32c_portable(0, text.data(), text.size()), 0xE3069283u);
+  // Pieces, odd lengths and alignments agree with one pass, in both implementations.
+  std::string bytes(1000, '\0');
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 131 + 7);
+  const uint32_t whole = accelerate::detail::crc32c_portable(0, bytes.data(), bytes.size());
+  for (size_t cut : {0, 1, 3, 8, 13, 999}) {
+    const uint32_t head = accelerate::detail::crc32c(0, bytes.data(), cut);
+    EXPECT_EQ(accelerate::detail::crc32c(head, bytes.data() + cut, bytes.size() - cut), whole);
+  }
+  // Long enough for the interleaved streams (blocks of 3 x 8 KiB), from odd starts.
+  std::string big(3 * 3 * 8192 + 4321, '\0');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>((i * 2654435761u) >> 11);
+  for (size_t start : {0, 1, 5}) {
+    EXPECT_EQ(accelerate::detail::crc32c(0, big.data() + start, big.size() - start),
+              accelerate::detail::crc32c_portable(0, big.data() + start, big.size() - start))
+        << start;
+  }
+  uint32_t parsed = 0;
+  EXPECT_TRUE(accelerate::detail::parse_crc32c_hex("e3069283", &parsed));
+  EXPECT_EQ(parsed, 0xE3069283u);
+  EXPECT_FALSE(accelerate::detail::parse_crc32c_hex("E3069283", &parsed));
+  EXPECT_FALSE(accelerate::detail::parse_crc32c_hex("e306928", &parsed));
+}
+
+TEST(Checkpointing, OneFileRecordsItsDataChecksumAndRefusesACorruptedFile) {
+  auto dir = fresh_dir("crc_one");
+  auto a = net(7);
+  save_model(*a, dir.string());
+  const auto file = dir / "model.safetensors";
+  const auto header = accelerate::safetensors::read_header(file.string());
+  const std::string recorded = header.metadata.at("accelerate_crc32c");
+  EXPECT_EQ(recorded, hex_of_file(file, header.data_start));
+  EXPECT_EQ(header.metadata.at("format"), "pt");
+
+  flip_byte(file);
+  auto b = net(8);
+  EXPECT_EQ(accelerate::testing::error_of([&] { load_checkpoint_in_model(*b, dir.string()); }),
+            "accelerate: " + file.string() + " is corrupted: the CRC32C of its data is " +
+                hex_of_file(file, header.data_start) + ", its header recorded " + recorded +
+                " (verify=false loads it anyway)");
+  expect_same_weights(*net(8), *b);  // nothing was loaded
+  load_checkpoint_in_model(*b, dir.string(), {.verify = false});
+  // Loaded, flipped byte included: exactly one value differs from the saved model.
+  int64_t differing = 0;
+  auto sa = a->named_parameters();
+  for (const auto& item : b->named_parameters()) {
+    differing += item.value().ne(sa[item.key()]).sum().item<int64_t>();
+  }
+  auto ba = a->named_buffers();
+  for (const auto& item : b->named_buffers()) {
+    differing += item.value().ne(ba[item.key()]).sum().item<int64_t>();
+  }
+  EXPECT_EQ(differing, 1);
+  fs::remove_all(dir);
+}
+
+TEST(Checkpointing, ShardedIndexRecordsShardChecksumsAndRefusesACorruptedShard) {
+  auto dir = fresh_dir("crc_sharded");
+  auto a = net(9);
+  auto files = save_model(*a, dir.string(), {.max_shard_size = "1200"});
+  ASSERT_GT(files.size(), 2u);
+  nlohmann::json index;
+  std::ifstream(dir / "model.safetensors.index.json") >> index;
+  const auto& sums = index["metadata"]["accelerate_crc32c"];
+  ASSERT_EQ(sums.size(), files.size() - 1);
+  for (size_t k = 0; k + 1 < files.size(); ++k) {
+    EXPECT_EQ(sums[fs::path(files[k]).filename().string()], hex_of_file(files[k]));
+  }
+  const fs::path second = files[1];
+  const std::string recorded = sums[second.filename().string()];
+  flip_byte(second);
+  auto b = net(10);
+  const std::string expected = "accelerate: " + second.string() + " is corrupted: its CRC32C is " +
+                               hex_of_file(second) + ", model.safetensors.index.json recorded " +
+                               recorded + " (verify=false loads it anyway)";
+  EXPECT_EQ(accelerate::testing::error_of([&] { load_checkpoint_in_model(*b, dir.string()); }),
+            expected);
+  EXPECT_EQ(accelerate::testing::error_of([&] {
+              load_checkpoint_in_model(*b, (dir / "model.safetensors.index.json").string());
+            }),
+            expected);
+  expect_same_weights(*net(10), *b);  // refused before anything was loaded
+  const auto report = load_checkpoint_in_model(*b, dir.string(), {.verify = false});
+  EXPECT_TRUE(report.missing_keys.empty());
+  fs::remove_all(dir);
+}
+
+TEST(Checkpointing, FilesWithoutChecksumsStillLoad) {
+  auto dir = fresh_dir("crc_none");
+  auto a = net(11);
+  // What another writer leaves: no checksum in the header, none in the index.
+  std::vector<std::pair<std::string, at::Tensor>> first, rest;
+  for (const auto& item : a->named_parameters()) {
+    (first.empty() ? first : rest).emplace_back(item.key(), item.value().detach());
+  }
+  for (const auto& item : a->named_buffers()) rest.emplace_back(item.key(), item.value());
+  accelerate::safetensors::save_file(first, (dir / "a.safetensors").string());
+  accelerate::safetensors::save_file(rest, (dir / "b.safetensors").string());
+  nlohmann::json index;
+  index["metadata"] = {{"total_size", 0}};
+  for (const auto& [name, t] : first) index["weight_map"][name] = "a.safetensors";
+  for (const auto& [name, t] : rest) index["weight_map"][name] = "b.safetensors";
+  std::ofstream(dir / "model.safetensors.index.json") << index.dump();
+  auto b = net(12);
+  EXPECT_TRUE(load_checkpoint_in_model(*b, dir.string(), {.strict = true}).missing_keys.empty());
+  expect_same_weights(*a, *b);
+  auto c = net(13);
+  load_checkpoint_in_model(*c, (dir / "a.safetensors").string());
+  EXPECT_TRUE(
+      at::equal(c[0]->as<torch::nn::Linear>()->weight, a[0]->as<torch::nn::Linear>()->weight));
+  fs::remove_all(dir);
+}
+
+TEST(Checkpointing, PickleCheckpointsAreRefusedWithAClearMessage) {
+  auto dir = fresh_dir("pickle");
+  // The start of a torch.save zip archive: read as safetensors it is a header length error.
+  std::ofstream(dir / "pytorch_model.bin", std::ios::binary)
+      << std::string("PK\x03\x04\x00\x00", 6);
+  auto model = net(14);
+  auto message = [](const fs::path& p) {
+    return "accelerate: " + p.string() +
+           ": pickle checkpoints are not supported; convert to safetensors";
+  };
+  EXPECT_EQ(accelerate::testing::error_of([&] { load_checkpoint_in_model(*model, dir.string()); }),
+            message(dir / "pytorch_model.bin"));
+  EXPECT_EQ(accelerate::testing::error_of(
+                [&] { load_checkpoint_in_model(*model, (dir / "pytorch_model.bin").string()); }),
+            message(dir / "pytorch_model.bin"));
+  std::ofstream(dir / "pytorch_model.bin.index.json")
+      << R"({"metadata": {}, "weight_map": {"0.weight": "pytorch_model-00001-of-00001.bin"}})";
+  EXPECT_EQ(accelerate::testing::error_of([&] { load_checkpoint_in_model(*model, dir.string()); }),
+            message(dir / "pytorch_model.bin.index.json"));
+  EXPECT_EQ(accelerate::testing::error_of([&] {
+              load_checkpoint_in_model(*model, (dir / "pytorch_model.bin.index.json").string());
+            }),
+            message(dir / "pytorch_model.bin.index.json"));
   fs::remove_all(dir);
 }
 

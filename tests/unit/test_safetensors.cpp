@@ -6,6 +6,8 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -265,7 +267,8 @@ TEST(Safetensors, RejectsMalformedJson) {
   EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes("[1,2]")), "must start with '{'");
   EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes(" {}")), "must start with '{'");
   EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes("{not json")), "not valid JSON");
-  EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes("{} {}")), "not valid JSON");
+  EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes("{} {}")),
+                        "has the byte 0x7b at file offset 11 after its JSON text");
   EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes("{\"\xff\":1}")), "not valid JSON");
   EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes(R"({"a":[[[[[[[[1]]]]]]]]})")), "nests deeper");
   EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes(R"({"a":1})")),
@@ -276,6 +279,135 @@ TEST(Safetensors, RejectsMalformedJson) {
                         "\"__metadata__\" value of 'k' must be a string");
   // An empty header with an empty buffer is a valid, empty file.
   EXPECT_TRUE(st::deserialize(file_bytes("{}")).tensors.empty());
+}
+
+TEST(Safetensors, OnlySpacesMayFollowTheJson) {
+  using accelerate::testing::error_of;
+  // nlohmann's parser takes a NUL for the end of its input; the bytes after it must still be
+  // checked.
+  EXPECT_EQ(error_of([] { st::deserialize(file_bytes(std::string("{}\0garbage", 10))); }),
+            "safetensors header has the byte 0x00 at file offset 10 after its JSON text, which "
+            "ends at offset 10; only spaces (0x20) may pad it");
+  EXPECT_EQ(error_of([] { st::deserialize(file_bytes(std::string("{}   \0", 6))); }),
+            "safetensors header has the byte 0x00 at file offset 13 after its JSON text, which "
+            "ends at offset 10; only spaces (0x20) may pad it");
+  // Other whitespace is valid JSON but not the format's padding.
+  EXPECT_EQ(error_of([] { st::deserialize(file_bytes("{}\n")); }),
+            "safetensors header has the byte 0x0a at file offset 10 after its JSON text, which "
+            "ends at offset 10; only spaces (0x20) may pad it");
+  EXPECT_EQ(error_of([] { st::deserialize(file_bytes("{} \t")); }),
+            "safetensors header has the byte 0x09 at file offset 11 after its JSON text, which "
+            "ends at offset 10; only spaces (0x20) may pad it");
+  // A NUL inside the JSON text, in a string or between tokens.
+  EXPECT_EQ(error_of([] { st::deserialize(file_bytes(std::string("{\"a\0\":1}", 8))); }),
+            "safetensors header has a NUL byte at file offset 11 inside its JSON text");
+  EXPECT_EQ(error_of([] { st::deserialize(file_bytes(std::string("{\0}", 3))); }),
+            "safetensors header has a NUL byte at file offset 9 inside its JSON text");
+  // An object that never closes is left to the JSON parser.
+  EXPECT_ERROR_CONTAINS(st::deserialize(file_bytes("{\"a\":{}    ")), "not valid JSON");
+
+  // A real file whose padding was overwritten: a NUL then garbage where the spaces were.
+  const std::string valid = st::serialize({{"w", at::ones({2})}}, {{"k", "}\"]{"}});
+  uint64_t n = 0;
+  std::memcpy(&n, valid.data(), 8);
+  const std::string json = valid.substr(8, valid.find_last_not_of(' ', 8 + n - 1) + 1 - 8);
+  const std::string broken = file_bytes(json + std::string("\0x", 2), valid.substr(8 + n));
+  const std::string at = std::to_string(8 + json.size());
+  EXPECT_EQ(error_of([&] { st::deserialize(broken); }),
+            "safetensors header has the byte 0x00 at file offset " + at +
+                " after its JSON text, which ends at offset " + at +
+                "; only spaces (0x20) may pad it");
+  // Brackets and quotes inside strings do not end the object early.
+  EXPECT_EQ(st::deserialize(valid).metadata.at("k"), "}\"]{");
+}
+
+TEST(Safetensors, HeaderErrorsNameTheFile) {
+  using accelerate::testing::error_of;
+  TempDir dir;
+  const std::string nul = dir.file("nul.safetensors");
+  write_all(nul, file_bytes(std::string("{}\0garbage", 10)));
+  const std::string message =
+      "safetensors header has the byte 0x00 at file offset 10 after its JSON text, which ends at "
+      "offset 10; only spaces (0x20) may pad it";
+  EXPECT_EQ(error_of([&] { st::read_header(nul); }), "'" + nul + "': " + message);
+  EXPECT_EQ(error_of([&] { st::load_file(nul); }), "'" + nul + "': " + message);
+  EXPECT_EQ(error_of([&] { st::load_file(nul, {.copy = true}); }), "'" + nul + "': " + message);
+
+  // Every kind of header error, through each reader.
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"abc", "safetensors file is 3 bytes, shorter than the 8-byte header length"},
+      {"", "safetensors file is 0 bytes, shorter than the 8-byte header length"},
+      {le_u64(200'000'000) + "{}",
+       "safetensors header length 200000000 exceeds the limit of 100000000 bytes"},
+      {le_u64(100) + "{}",
+       "safetensors header length 100 is larger than the 2 bytes after the "
+       "length prefix"},
+      {file_bytes("[]"), "safetensors header must start with '{' (is this a safetensors file?)"},
+      {file_bytes(R"({"a":1})"), "tensor 'a': header entry must be an object, got 1"},
+      {file_bytes("{}", "x"),
+       "the data buffer has 1 bytes after the last tensor (ends at 0) that no tensor covers"},
+  };
+  for (const auto& [bytes, expected] : cases) {
+    const std::string path = dir.file("bad.safetensors");
+    write_all(path, bytes);
+    EXPECT_EQ(error_of([&] { st::read_header(path); }), "'" + path + "': " + expected);
+    EXPECT_EQ(error_of([&] { st::load_file(path); }), "'" + path + "': " + expected);
+    EXPECT_EQ(error_of([&] { st::load_file(path, {.copy = true}); }),
+              "'" + path + "': " + expected);
+  }
+  EXPECT_ERROR_CONTAINS(st::read_header(dir.file("x.safetensors")),
+                        "cannot open '" + dir.file("x.safetensors") + "'");
+  EXPECT_ERROR_CONTAINS(st::load_file(dir.file("x.safetensors"), {.copy = true}),
+                        "cannot open '" + dir.file("x.safetensors") + "'");
+  EXPECT_ERROR_CONTAINS(st::load_file(dir.path().string(), {.copy = true}), "not a regular file");
+  // Data errors name it too.
+  const std::string bools = dir.file("bools.safetensors");
+  write_all(bools, file_bytes(R"({"t":{"dtype":"BOOL","shape":[2],"data_offsets":[0,2]}})",
+                              std::string("\x01\x02", 2)));
+  for (bool copy : {false, true}) {
+    EXPECT_EQ(error_of([&] { st::load_file(bools, {.copy = copy}); }),
+              "'" + bools +
+                  "': tensor 't' of dtype BOOL holds the byte 2 at element 1; only 0 and 1 are "
+                  "valid");
+  }
+}
+
+TEST(Safetensors, CopyingLoadOwnsItsMemory) {
+  TempDir dir;
+  const std::string path = dir.file("c.safetensors");
+  const auto tensors = every_dtype();
+  st::save_file(tensors, path, kMetadata);
+  const auto file = st::load_file(path, {.copy = true});
+  expect_round_trip(tensors, file);
+  for (const auto& [name, tensor] : file.tensors) {
+    EXPECT_TRUE(tensor.storage().resizable()) << name;  // ordinary CPU memory, not the file
+  }
+  // Truncating the file in place cannot reach tensors that own their memory.
+  ASSERT_EQ(::truncate(path.c_str(), 0), 0);
+  expect_round_trip(tensors, file);
+  // A file cut short after its header is refused, naming it.
+  const std::string full = st::serialize({{"x", at::ones({4})}});
+  write_all(path, full.substr(0, full.size() - 1));
+  EXPECT_ERROR_CONTAINS(st::load_file(path, {.copy = true}), "'" + path + "': tensor 'x'");
+}
+
+TEST(SafetensorsDeathTest, TruncatingAMappedFileRaisesSigbus) {
+  // What LoadOptions::copy exists for (see SafetensorsFile): a mapped tensor whose pages the
+  // file no longer has.
+  TempDir dir;
+  const std::string path = dir.file("t.safetensors");
+  st::save_file({{"x", at::ones({1 << 16})}}, path);
+  EXPECT_EXIT(
+      {
+        const auto x = st::load_file(path).get("x");
+        if (::truncate(path.c_str(), 0) != 0) std::_Exit(2);
+        // A plain loop: LibTorch's thread pool is not usable in a forked child.
+        const float* data = x.data_ptr<float>();
+        volatile float total = 0;
+        for (int64_t i = 0; i < x.numel(); ++i) total = total + data[i];
+        std::_Exit(0);
+      },
+      ::testing::KilledBySignal(SIGBUS), "");
 }
 
 TEST(Safetensors, RejectsDuplicateKeys) {

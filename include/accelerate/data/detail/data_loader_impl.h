@@ -104,6 +104,17 @@ void DataLoader<Batch>::set_position(const LoaderPosition& position) {
   TORCH_CHECK(position.sampler_state.empty() || sampler_generator().has_value(),
               "accelerate: the loader position has a sampler generator state, but this loader's "
               "sampler has no generator");
+  // A position past the end would skip the whole epoch without a word, typically because the
+  // checkpoint belongs to a larger dataset. Positions count the batches skip_first_batches
+  // skips, so the bound is the epoch before skipping. Iterable datasets without size() cannot
+  // be checked.
+  if (impl_->source->map_style || impl_->source->iterable_length) {
+    const int64_t batches = size() + impl_->skip_batches;
+    TORCH_CHECK(
+        position.batches_yielded <= batches,
+        "accelerate: the loader position is outside the dataset: ", position.batches_yielded,
+        " batches already yielded, but this loader has ", batches, " batches per epoch");
+  }
   impl_->resume = position;
   // iteration() is what training loops count epochs by: it must say the resumed epoch at once.
   impl_->iteration = position.epoch;
