@@ -1,13 +1,17 @@
 // libFuzzer entry point for the safetensors parser: every input must either load or throw, never
-// crash, leak or read out of bounds. Not built by CMake; from the repository root:
+// crash, leak or read out of bounds. Not built by CMake; `fuzz/run.sh [seconds]` builds it, writes
+// a seed corpus of valid files and runs it. By hand, from the repository root (-std=c++17:
+// clang 14 rejects LibTorch 1.13's headers in C++20 mode):
 //
-//   clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -D_GLIBCXX_USE_CXX11_ABI=1 \
+//   clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined \
+//     -fno-sanitize-recover=undefined -D_GLIBCXX_USE_CXX11_ABI=1 \
 //     -Iinclude -isystem /usr/include/torch/csrc/api/include \
 //     fuzz/safetensors_fuzz.cpp src/safetensors.cpp src/detail/file_mapping.cpp \
 //     src/detail/checksum.cpp \
 //     -ltorch -ltorch_cpu -lc10 \
-//     -o safetensors_fuzz
-//   ./safetensors_fuzz -max_len=4096 -timeout=10
+//     -o /tmp/fuzz/safetensors_fuzz
+//   mkdir -p /tmp/fuzz/corpus && /tmp/fuzz/safetensors_fuzz /tmp/fuzz/corpus /tmp/fuzz/seeds \
+//     -max_len=4096 -timeout=10 -dict=fuzz/safetensors.dict
 //
 // (LibTorch itself is not instrumented; only our parser is.)
 

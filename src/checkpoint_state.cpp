@@ -404,16 +404,56 @@ void set_generator_state(at::Generator gen, const at::Tensor& state) {
 }
 
 // Gives loader `index` its saved position. The loader's own error cannot say which of the
-// prepared loaders it is, nor which checkpoint the position came from.
+// prepared loaders it is, nor which file of which checkpoint the position came from: `file`
+// is the random_states file it was read from.
 void restore_loader_position(const detail::LoaderSlot& loader, size_t index,
                              const data::LoaderPosition& position, const char* op,
-                             const fs::path& dir) {
+                             const fs::path& file) {
   try {
     loader.set_position(position);
   } catch (const c10::Error& e) {
     std::string reason = e.what_without_backtrace();
     if (reason.rfind("accelerate: ", 0) == 0) reason.erase(0, std::string("accelerate: ").size());
-    TORCH_CHECK(false, "accelerate: ", op, ": ", dir, ": data loader ", index, ": ", reason);
+    TORCH_CHECK(false, "accelerate: ", op, ": ", file, ": data loader ", index, ": ", reason);
+  }
+}
+
+// Every loader's position, or none: a position one loader refuses (outside its dataset) leaves
+// the others where they were.
+//
+// A LoaderSlot can only set a position, checking it first (data_loader_impl.h), so the check
+// cannot run apart from the change: the loaders are set in order and, when one refuses, those
+// already set are put back at the positions they reported before (position() reads the same
+// again). Put back without their sampler generator states, which the next iteration would
+// otherwise impose over the states it synchronises from process 0; set_position does not touch
+// the generators. What this cannot restore: a loader put back holds a pending position (one
+// set earlier and not used yet is replaced by what position() reported), so a set_epoch()
+// before its next iteration is overridden, and one put back in the middle of an iteration
+// would start its next iteration at that batch again. A check-only entry point on LoaderSlot
+// (beside set_position) would remove all three.
+void restore_loader_positions(const std::vector<detail::LoaderSlot>& loaders,
+                              const std::vector<data::LoaderPosition>& positions, const char* op,
+                              const fs::path& file) {
+  TORCH_INTERNAL_ASSERT(loaders.size() == positions.size());
+  std::vector<data::LoaderPosition> before;
+  before.reserve(loaders.size());
+  for (const auto& loader : loaders) before.push_back(loader.position());
+  for (size_t i = 0; i < loaders.size(); ++i) {
+    try {
+      restore_loader_position(loaders[i], i, positions[i], op, file);
+    } catch (...) {
+      for (size_t j = 0; j < i; ++j) {
+        try {
+          loaders[j].set_position({.epoch = before[j].epoch,
+                                   .batches_yielded = before[j].batches_yielded,
+                                   .sampler_state = {}});
+        } catch (const c10::Error&) {
+          // A position the loader itself reported: refusing it would be a loader bug, and the
+          // refusal of positions[i] is the error to report.
+        }
+      }
+      throw;
+    }
   }
 }
 
@@ -473,6 +513,7 @@ fs::path sharded_optimizer_dir(const fs::path& dir, size_t index) {
 
 // One process's share of a checkpoint, read and checked before anything is changed.
 struct RankState {
+  fs::path path;
   safetensors::SafetensorsFile file;  // generator states and sampler states
   std::vector<data::LoaderPosition> positions;
   int64_t step = 0;
@@ -482,6 +523,7 @@ RankState read_rank_state(const fs::path& dir, int64_t rank, const char* op) {
   const fs::path path = rank_state_file(dir, rank);
   TORCH_CHECK(fs::exists(path), "accelerate: ", op, ": ", path, " is missing");
   RankState out;
+  out.path = path;
   out.file = safetensors::load_file(path.string());
   const auto& meta = out.file.metadata;
   auto meta_int = [&](const std::string& key) {
@@ -746,13 +788,15 @@ std::string Accelerator::save_state(const std::string& output_dir) {
   });
 
   // Checksums of the files this process writes, taken as they are written; restored however
-  // save_state ends.
+  // save_state ends. Not taken at all without checksums.
+  const char* checksums_env = std::getenv(kCheckpointChecksumsEnv);
+  const bool checksums = checksums_env == nullptr || std::string(checksums_env) != "0";
   std::map<std::string, uint32_t> written_sums;
   struct SinkGuard {
     std::map<std::string, uint32_t>* previous;
     ~SinkGuard() { detail::checksum_sink() = previous; }
   } sink_guard{detail::checksum_sink()};
-  detail::checksum_sink() = &written_sums;
+  detail::checksum_sink() = checksums ? &written_sums : nullptr;
 
   // 2. The files. Hooks run everywhere, as in Accelerate; shared objects are written by the
   // publishing process, per-process state by each.
@@ -874,8 +918,6 @@ std::string Accelerator::save_state(const std::string& output_dir) {
     info.world_size = num_processes();
     info.step = core.step;
     info.mixed_precision = mixed_precision();
-    const char* env = std::getenv(kCheckpointChecksumsEnv);
-    const bool checksums = env == nullptr || std::string(env) != "0";
     std::map<std::string, uint32_t> by_path;
     for (const auto& [path, crc] : written_sums) {
       by_path[fs::path(path).lexically_normal().string()] = crc;
@@ -983,11 +1025,9 @@ std::string Accelerator::load_state(const std::string& input_dir) {
     }
     check_count("data loader position(s)", static_cast<int64_t>(mine.positions.size()),
                 core.loaders.size());
-    // Before anything else is loaded, so that a position the loader refuses leaves the models
-    // and optimizers as they were.
-    for (size_t i = 0; i < core.loaders.size(); ++i) {
-      restore_loader_position(core.loaders[i], i, mine.positions[i], "load_state", dir);
-    }
+    // Before anything else is loaded, so that a position a loader refuses leaves the models,
+    // the optimizers and the other loaders as they were.
+    restore_loader_positions(core.loaders, mine.positions, "load_state", mine.path);
 
     // Now load.
     std::vector<std::shared_ptr<torch::nn::Module>> models = core.models;
@@ -1032,8 +1072,8 @@ void Accelerator::begin_auto_resume() {
   const auto& state = *core.state;
   const fs::path root =
       normalized((fs::path(core.config.project_config.project_dir) / kCheckpointsFolder).string());
-  // "<next iteration> <checkpoint name>", picked by process 0 so that every process resumes
-  // from the same one even if another is being written meanwhile.
+  // "<next iteration> <checkpoint name>\n<warnings>", picked by process 0 so that every process
+  // resumes from the same one even if another is being written meanwhile.
   std::string picked;
   on_all_processes(state, "restart", [&] {
     if (process_index() != 0) return;
@@ -1044,26 +1084,34 @@ void Accelerator::begin_auto_resume() {
     picked = std::to_string(all.back().first + 1) + " ";
     // A corrupted checkpoint must not end the run while an older one can continue it: every
     // restart would fail the same way.
+    std::ostringstream warnings;
     for (auto it = all.rbegin(); it != all.rend(); ++it) {
       try {
         (void)read_checkpoint_info(it->second);
         picked += fs::path(it->second).filename().string();
-        return;
+        break;
       } catch (const c10::Error& e) {
-        std::cerr << "accelerate: warning: restart " << core.config.restart_count << ": "
-                  << e.what_without_backtrace()
-                  << (std::next(it) == all.rend()
-                          ? "; no earlier complete checkpoint"
-                          : "; falling back to the previous complete checkpoint")
-                  << std::endl;
+        warnings << "accelerate: warning: restart " << core.config.restart_count << ": "
+                 << e.what_without_backtrace()
+                 << (std::next(it) == all.rend()
+                         ? "; no earlier complete checkpoint"
+                         : "; falling back to the previous complete checkpoint")
+                 << "\n";
       }
     }
+    picked += "\n" + warnings.str();
   });
   if (state.use_distributed()) picked = detail::broadcast_bytes(state, "restart", picked, 0);
-  const auto space = picked.find(' ');
-  const std::string name = space == std::string::npos ? "" : picked.substr(space + 1);
+  // Every process says why it skipped a checkpoint: each one's log tells the whole story.
+  const auto newline = picked.find('\n');
+  if (newline != std::string::npos && newline + 1 < picked.size()) {
+    std::cerr << picked.substr(newline + 1) << std::flush;
+  }
+  const std::string head = picked.substr(0, newline);
+  const auto space = head.find(' ');
+  const std::string name = space == std::string::npos ? "" : head.substr(space + 1);
   if (space != std::string::npos) {
-    core.config.project_config.iteration = std::stoll(picked.substr(0, space));
+    core.config.project_config.iteration = std::stoll(head.substr(0, space));
   }
   if (name.empty()) {
     if (is_main_process()) {
@@ -1126,7 +1174,8 @@ void Accelerator::resume_next(ResumeKind kind) {
       break;
     case ResumeKind::kDataLoader:
       check("data loader(s)", static_cast<int64_t>(resume.mine.positions.size()));
-      restore_loader_position(core.loaders[i], i, resume.mine.positions[i], "restart", dir);
+      restore_loader_position(core.loaders[i], i, resume.mine.positions[i], "restart",
+                              resume.mine.path);
       break;
   }
   // Building the next objects may draw random numbers; the state after the last restore is the

@@ -161,12 +161,14 @@ std::vector<std::string> detail::save_model_streaming(
   std::vector<std::string> written;
   nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
   nlohmann::ordered_json shard_sums = nlohmann::ordered_json::object();
+  // Shards are hashed as they are written (their sums go in the index); a single file's data
+  // checksum goes in its own header instead (below).
   std::map<std::string, uint32_t> written_sums;
   struct SinkGuard {
     std::map<std::string, uint32_t>* previous;
     ~SinkGuard() { detail::checksum_sink() = previous; }
   } sink_guard{detail::checksum_sink()};
-  detail::checksum_sink() = &written_sums;
+  detail::checksum_sink() = plan.shards.size() > 1 ? &written_sums : nullptr;
   for (const auto& [file, names] : plan.shards) {
     std::vector<std::pair<std::string, at::Tensor>> part;
     std::vector<size_t> index;
@@ -177,21 +179,16 @@ std::vector<std::string> detail::save_model_streaming(
     }
     const auto path = (fs::path(directory) / file).string();
     auto file_metadata = metadata;
-    if (write && fetch_twice && plan.shards.size() == 1) {
-      // The header cannot hold a checksum of the file it is part of: it gets the data buffer's,
-      // in the buffer's order (decreasing element size, stable; see safetensors.h).
-      std::vector<size_t> order(part.size());
-      std::iota(order.begin(), order.end(), size_t{0});
-      std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-        return part[a].second.element_size() > part[b].second.element_size();
-      });
-      uint32_t crc = 0;
-      for (size_t k : order) {
-        const at::Tensor t = fetch(index[k]).detach().to(at::kCPU).contiguous();
-        crc = detail::crc32c(crc, t.data_ptr(), t.nbytes());
-      }
-      file_metadata[kDataChecksumKey] = detail::crc32c_hex(crc);
-    }
+    // The header cannot hold a checksum of the file it is part of: it gets the data buffer's,
+    // which save_file_streaming takes as it writes the data and puts in the header before the
+    // fsync (checksum.h). Each tensor is fetched once; fetch_twice still gates it only because
+    // the streamed saves (FSDP) did not record it before.
+    struct KeyGuard {
+      const char* previous;
+      ~KeyGuard() { detail::data_checksum_key() = previous; }
+    } key_guard{detail::data_checksum_key()};
+    detail::data_checksum_key() =
+        write && fetch_twice && plan.shards.size() == 1 ? kDataChecksumKey : nullptr;
     safetensors::detail::save_file_streaming(
         part, path, file_metadata, [&](size_t k) { return fetch(index[k]); }, write);
     if (write && plan.shards.size() > 1) {

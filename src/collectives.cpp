@@ -1,19 +1,18 @@
 #include "accelerate/detail/collectives.h"
 
 #include "accelerate/detail/direct_gloo.h"
+#include "detail/error_record.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstring>
+#include <mutex>
 #include <sstream>
+#include <unordered_map>
 
 namespace accelerate::detail {
 namespace {
-
-// The shape descriptor compared in debug mode: dtype, ndim, up to kMaxDims sizes, and a fold of
-// any further sizes so tensors of very high rank are still compared exactly enough.
-constexpr int64_t kMaxDims = 12;
-constexpr int64_t kSlots = kMaxDims + 3;
 
 compat::Backend& group(const PartialState& state, const char* op) {
   compat::Backend* pg = state.process_group();
@@ -35,40 +34,6 @@ std::vector<at::Tensor> raw_all_gather(const PartialState& state, const char* op
   for (int i = 0; i < state.num_processes(); ++i) output[0].push_back(at::empty_like(input[0]));
   wait(state, op, group(state, op).allgather(output, input));
   return output[0];
-}
-
-at::Tensor descriptor(const at::Tensor& t) {
-  auto d = at::zeros({kSlots}, at::kLong);
-  auto acc = d.accessor<int64_t, 1>();
-  acc[0] = static_cast<int64_t>(t.scalar_type());
-  acc[1] = t.dim();
-  int64_t fold = 0;
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (i < kMaxDims) {
-      acc[2 + i] = t.size(i);
-    } else {
-      fold = fold * 1000003 + t.size(i);
-    }
-  }
-  acc[kSlots - 1] = fold;
-  return d;
-}
-
-std::string describe(const at::Tensor& d) {
-  auto acc = d.accessor<int64_t, 1>();
-  std::ostringstream out;
-  out << "shape [";
-  for (int64_t i = 0; i < acc[1]; ++i) {
-    if (i > 0) out << ", ";
-    if (i < kMaxDims) {
-      out << acc[2 + i];
-    } else {
-      out << "...";
-      break;
-    }
-  }
-  out << "] dtype " << c10::toString(static_cast<c10::ScalarType>(acc[0]));
-  return out.str();
 }
 
 // Gloo moves neither bfloat16, int16 nor bool: they travel as a type of the same width and are
@@ -102,15 +67,45 @@ c10::ScalarType reduce_dtype(c10::ScalarType t) {
 
 namespace {
 
+// How often a wait looks whether Gloo's transport thread died (see transport_failure): a
+// collective waiting for it would otherwise sit out the whole timeout.
+constexpr std::chrono::milliseconds kTransportPoll{200};
+
+bool finished_within(const c10::intrusive_ptr<compat::Work>& work,
+                     std::chrono::milliseconds timeout) {
+  try {
+    return work->wait(timeout);
+  } catch (const std::exception&) {
+    // Work::wait(timeout) throws both for its own failure and for "not yet": tell them apart.
+    if (work->isCompleted()) throw;
+    return false;
+  }
+}
+
+bool finished_within(const std::shared_ptr<DirectWork>& work, std::chrono::milliseconds timeout) {
+  if (!work->wait_for(timeout)) return false;
+  work->wait();  // rethrows the collective's error
+  return true;
+}
+
 // Gloo's own timeout ends a stuck collective; this names what the user called, and where.
 template <class Work>
 void wait_naming(const PartialState& state, const char* op, const Work& work) {
   try {
-    work->wait();
+    if (state.backend() == "gloo") {
+      while (!finished_within(work, kTransportPoll)) {
+        if (auto failure = transport_failure()) throw std::runtime_error(*failure);
+      }
+    } else {
+      work->wait();
+    }
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, "accelerate: collective '", op, "' failed on process ",
-                state.process_index(), " of ", state.num_processes(), " (timeout ",
-                std::chrono::duration<double>(state.timeout()).count(), " s): ", e.what());
+    std::ostringstream msg;
+    msg << "accelerate: collective '" << op << "' failed on process " << state.process_index()
+        << " of " << state.num_processes() << " (timeout "
+        << std::chrono::duration<double>(state.timeout()).count() << " s): " << e.what();
+    if (is_peer_failure(e.what())) record_failure(msg.str(), /*caused_by_peer=*/true);
+    TORCH_CHECK(false, msg.str());
   }
 }
 
@@ -124,21 +119,30 @@ void wait(const PartialState& state, const char* op, const std::shared_ptr<Direc
   wait_naming(state, op, work);
 }
 
-void verify_same_shape(const PartialState& state, const char* op, const at::Tensor& t) {
-  if (!state.debug() || !state.use_distributed()) return;
-  auto all = raw_all_gather(state, op, descriptor(t));
-  bool same = true;
-  for (const auto& d : all) same = same && at::equal(d.cpu(), all[0].cpu());
-  if (same) return;
-  std::ostringstream msg;
-  msg << "accelerate: debug mode: '" << op
-      << "' was called with tensors of different shapes on different processes:";
-  for (size_t i = 0; i < all.size(); ++i) {
-    msg << "\n  process " << i << ": " << describe(all[i].cpu());
+void agree(const PartialState& state, const CallFingerprint& fingerprint) {
+  if (DirectGloo* direct = state.direct()) {
+    direct->agree(fingerprint);
+    return;
   }
-  msg << "\nEvery process must pass a tensor of the same shape (use pad_across_processes first "
-         "for uneven sizes).";
-  TORCH_CHECK(false, msg.str());
+  // Without our own Gloo channel (NCCL, or ACCELERATE_DIRECT_GLOO=0): the fixed-size
+  // fingerprints travel through the process group's all-gather, which never mismatches in size.
+  CallFingerprint mine = fingerprint;
+  {
+    static std::mutex mutex;
+    static std::unordered_map<const void*, uint64_t> sequences;
+    std::lock_guard<std::mutex> lock(mutex);
+    mine.sequence = sequences[state.process_group()]++;
+  }
+  auto bytes = at::empty({static_cast<int64_t>(sizeof mine)}, at::kByte);
+  std::memcpy(bytes.data_ptr(), &mine, sizeof mine);
+  const auto gathered = raw_all_gather(state, mine.name, bytes);
+  std::vector<CallFingerprint> all(gathered.size());
+  bool same = true;
+  for (size_t r = 0; r < gathered.size(); ++r) {
+    std::memcpy(&all[r], gathered[r].cpu().data_ptr(), sizeof mine);
+    same = same && all[r].same_call(mine) && all[r].sequence == mine.sequence;
+  }
+  if (!same) fail_mismatch(mine, all);
 }
 
 bool reducible_in_place(const PartialState& state, const at::Tensor& t) {
@@ -154,18 +158,22 @@ void all_reduce_(const PartialState& state, const char* op, at::Tensor& buf,
               "': internal error: all_reduce_ needs a contiguous tensor of a reducible dtype on "
               "the communication device, got ",
               buf.scalar_type(), " on ", buf.device());
-  verify_same_shape(state, op, buf);
+  const auto fingerprint = CallFingerprint::of(op, CallFingerprint::kAllReduce, buf,
+                                               DirectGloo::reduction_code(reduce_op));
   if (DirectGloo* direct = state.direct()) {
-    // Small: one exchange on this thread. Large: Gloo's ring without ProcessGroupGloo's queue.
+    // Small: one exchange on this thread, the fingerprint riding with the payload. Large:
+    // Gloo's ring without ProcessGroupGloo's queue, once the processes agreed on the call.
     if (direct->exchangeable(buf)) {
-      direct->exchange_allreduce_(buf, reduce_op, op);
+      direct->exchange_allreduce_(buf, reduce_op, op, &fingerprint);
       return;
     }
     if (DirectGloo::ringable(buf)) {
+      direct->agree(fingerprint);
       wait(state, op, direct->ring_allreduce(buf, buf, reduce_op));
       return;
     }
   }
+  agree(state, fingerprint);
   std::vector<at::Tensor> bufs{buf};
   c10d::AllreduceOptions opts;
   opts.reduceOp = reduce_op;
@@ -175,7 +183,9 @@ void all_reduce_(const PartialState& state, const char* op, at::Tensor& buf,
 at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tensor& t,
                       c10d::ReduceOp reduce_op) {
   if (!state.use_distributed()) return t.clone();
-  verify_same_shape(state, op, t);
+  // What the caller passed (dtype included), not what travels after widening.
+  const auto fingerprint = CallFingerprint::of(op, CallFingerprint::kAllReduce, t,
+                                               DirectGloo::reduction_code(reduce_op));
   const auto dtype = reduce_dtype(t.scalar_type());
   if (DirectGloo* direct = state.direct(); direct != nullptr && t.device().is_cpu()) {
     // The ring reads `t` and writes a fresh tensor: the copy a reduction must make is folded
@@ -184,8 +194,9 @@ at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tenso
     at::Tensor out;
     if (direct->exchangeable(in)) {
       out = in.is_same(t) ? t.clone() : in;
-      direct->exchange_allreduce_(out, reduce_op, op);
+      direct->exchange_allreduce_(out, reduce_op, op, &fingerprint);
     } else if (DirectGloo::ringable(in)) {
+      direct->agree(fingerprint);
       out = at::empty_like(in);
       wait(state, op, direct->ring_allreduce(in, out, reduce_op));
     }
@@ -194,6 +205,7 @@ at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tenso
       return out.to(t.scalar_type());
     }
   }
+  agree(state, fingerprint);
   std::vector<at::Tensor> buf{to_comm(state, t.to(dtype, /*non_blocking=*/false, /*copy=*/true))};
   c10d::AllreduceOptions opts;
   opts.reduceOp = reduce_op;
@@ -205,7 +217,7 @@ at::Tensor all_reduce(const PartialState& state, const char* op, const at::Tenso
 
 std::vector<at::Tensor> all_gather(const PartialState& state, const char* op, const at::Tensor& t) {
   if (!state.use_distributed()) return {t.clone()};
-  verify_same_shape(state, op, t);
+  agree(state, CallFingerprint::of(op, CallFingerprint::kAllGather, t));
   auto out = raw_all_gather(state, op, to_wire(t));
   for (auto& x : out) x = x.view(t.scalar_type()).to(t.device());
   return out;
@@ -215,7 +227,7 @@ at::Tensor broadcast(const PartialState& state, const char* op, const at::Tensor
   TORCH_CHECK(src >= 0 && src < state.num_processes(), "accelerate: '", op, "': from_process ", src,
               " is outside [0, ", state.num_processes(), ")");
   if (!state.use_distributed()) return t.clone();
-  verify_same_shape(state, op, t);
+  agree(state, CallFingerprint::of(op, CallFingerprint::kBroadcast, t, src));
   std::vector<at::Tensor> buf{to_comm(state, to_wire(t)).clone()};
   c10d::BroadcastOptions opts;
   opts.rootRank = src;
@@ -226,6 +238,9 @@ at::Tensor broadcast(const PartialState& state, const char* op, const at::Tensor
 std::vector<std::string> all_gather_bytes(const PartialState& state, const char* op,
                                           const std::string& bytes) {
   if (!state.use_distributed()) return {bytes};
+  // The lengths differ, and so are not part of the fingerprint; the second all-gather's size
+  // follows from them alike on every process.
+  agree(state, CallFingerprint::of(op, CallFingerprint::kAllGather, at::Tensor()));
   auto lengths =
       raw_all_gather(state, op, at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong));
   int64_t longest = 0;
@@ -248,6 +263,7 @@ std::string broadcast_bytes(const PartialState& state, const char* op, const std
   TORCH_CHECK(src >= 0 && src < state.num_processes(), "accelerate: '", op, "': from_process ", src,
               " is outside [0, ", state.num_processes(), ")");
   if (!state.use_distributed()) return bytes;
+  agree(state, CallFingerprint::of(op, CallFingerprint::kBroadcast, at::Tensor(), src));
   auto run = [&](at::Tensor t) {
     std::vector<at::Tensor> buf{to_comm(state, t)};
     c10d::BroadcastOptions opts;
@@ -265,7 +281,8 @@ std::string broadcast_bytes(const PartialState& state, const char* op, const std
 
 void barrier(const PartialState& state, const char* op) {
   if (!state.use_distributed()) return;
-  wait(state, op, group(state, op).barrier());
+  // Agreeing is itself a barrier: it returns once every process stated the same call.
+  agree(state, CallFingerprint::of(op, CallFingerprint::kBarrier, at::Tensor()));
 }
 
 }  // namespace accelerate::detail

@@ -1,5 +1,7 @@
 #include "accelerate/operations.h"
 
+#include "accelerate/detail/direct_gloo.h"
+
 #include <torch/serialize.h>
 
 #include <cmath>
@@ -176,6 +178,9 @@ void describe_leaf(const TreePath& path, const at::Tensor& t, std::string& key,
 
 void verify_same_structure(const PartialState& state, const char* op, const std::string& key,
                            const std::string& display) {
+  // Its own statement first, so that a mismatch shows as the structure check of each side's
+  // operation rather than as an all-gather.
+  detail::agree(state, CallFingerprint::of(op, CallFingerprint::kStructureCheck, at::Tensor()));
   const auto all = detail::all_gather_bytes(state, op, key + '\0' + display);
   std::vector<std::string> keys, displays;
   for (const auto& bytes : all) {

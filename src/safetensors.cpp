@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -346,6 +347,24 @@ void write_all(int fd, const char* data, size_t size, const std::string& path) {
   }
 }
 
+void pwrite_all(int fd, const char* data, size_t size, uint64_t offset, const std::string& path) {
+  while (size > 0) {
+    const ssize_t written = ::pwrite(fd, data, size, static_cast<off_t>(offset));
+    if (written < 0 && errno == EINTR) continue;
+    TORCH_CHECK(written > 0, "cannot write ", in_quotes(path), ": ", errno_text());
+    data += written;
+    size -= static_cast<size_t>(written);
+    offset += static_cast<uint64_t>(written);
+  }
+}
+
+// write_file_atomically_with, calling `finish` (unless empty) after the last byte and before the
+// fsync: save_file_streaming rewrites its header there once the data is hashed.
+void write_atomically(
+    const std::string& path,
+    const std::function<void(const std::function<void(const char*, size_t)>&)>& produce,
+    const std::function<void(int fd, const std::string& temp)>& finish);
+
 // The file about to be replaced is dead weight in the page cache: drop its clean pages so that
 // the new file's pages can reuse them instead of growing the cache by a second copy. With a
 // checkpoint of a few GiB that copy means reclaim under memory pressure, and on VMs that hand
@@ -491,12 +510,18 @@ void detail::save_file_streaming(const std::vector<std::pair<std::string, at::Te
     TORCH_CHECK(t.defined(), "tensor ", in_quotes(name), " is undefined");
     shapes.emplace_back(name, at::empty(t.sizes(), t.options().device(at::kMeta)));
   }
-  const Plan p = plan(shapes, metadata);
+  // The data checksum save_model asks for (checksum.h): zeros first, the same width as the sum.
+  const char* const data_key = write ? accelerate::detail::data_checksum_key() : nullptr;
+  std::map<std::string, std::string> meta = metadata;
+  if (data_key) meta[data_key] = accelerate::detail::crc32c_hex(0);
+  const Plan p = plan(shapes, meta);
   if (!write) {
     for (size_t i : p.order) (void)fetch(i);
     return;
   }
-  write_file_atomically_with(path, [&](const std::function<void(const char*, size_t)>& write) {
+  std::optional<accelerate::detail::OverlappedCrc32c> data_crc;
+  if (data_key) data_crc.emplace();
+  auto produce = [&](const std::function<void(const char*, size_t)>& write) {
     write(p.header.data(), p.header.size());
     for (size_t k = 0; k < p.order.size(); ++k) {
       const size_t i = p.order[k];
@@ -505,8 +530,23 @@ void detail::save_file_streaming(const std::vector<std::pair<std::string, at::Te
                   "tensor ", in_quotes(specs[i].first), " has shape ", t.sizes(), " and dtype ",
                   t.scalar_type(), ", announced as ", p.data[k].sizes(), " ",
                   p.data[k].scalar_type());
-      write(static_cast<const char*>(t.data_ptr()), t.nbytes());
+      const auto* data = static_cast<const char*>(t.data_ptr());
+      if (data_crc) {
+        data_crc->update_during(data, t.nbytes(), [&] { write(data, t.nbytes()); });
+      } else {
+        write(data, t.nbytes());
+      }
     }
+  };
+  if (!data_key) {
+    write_file_atomically_with(path, produce);
+    return;
+  }
+  write_atomically(path, produce, [&](int fd, const std::string& temp) {
+    meta[data_key] = accelerate::detail::crc32c_hex(data_crc->value());
+    const Plan final_plan = plan(shapes, meta);
+    TORCH_INTERNAL_ASSERT(final_plan.header.size() == p.header.size());
+    pwrite_all(fd, final_plan.header.data(), final_plan.header.size(), 0, temp);
   });
 }
 
@@ -520,6 +560,15 @@ void detail::write_file_atomically(const std::string& path,
 void detail::write_file_atomically_with(
     const std::string& path,
     const std::function<void(const std::function<void(const char*, size_t)>&)>& produce) {
+  write_atomically(path, produce, {});
+}
+
+namespace {
+
+void write_atomically(
+    const std::string& path,
+    const std::function<void(const std::function<void(const char*, size_t)>&)>& produce,
+    const std::function<void(int fd, const std::string& temp)>& finish) {
   TORCH_CHECK(!path.empty(), "write_file_atomically needs a non-empty path");
   // A name unique to this process and call, so that concurrent writers of the same path never
   // share a temporary file.
@@ -530,14 +579,21 @@ void detail::write_file_atomically_with(
   FileDescriptor fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
   TORCH_CHECK(fd.get() >= 0, "cannot create ", in_quotes(temp), ": ", errno_text());
   try {
-    // Hashed while the bytes are in the cache anyway: reading the file back costs more.
-    auto* const sums = accelerate::detail::checksum_sink();
-    uint32_t crc = 0;
+    // Hashed as the bytes are written, on a second thread while write() copies them: reading
+    // the file back, or hashing before or after each write(), costs more (benchmarks/README.md).
+    // Not when `finish` may change bytes already written: the sink's users read such a file back.
+    auto* const sums = finish ? nullptr : accelerate::detail::checksum_sink();
+    std::optional<accelerate::detail::OverlappedCrc32c> crc;
+    if (sums) crc.emplace();
     produce([&](const char* data, size_t size) {
-      write_all(fd.get(), data, size, temp);
-      if (sums) crc = accelerate::detail::crc32c(crc, data, size);
+      if (crc) {
+        crc->update_during(data, size, [&] { write_all(fd.get(), data, size, temp); });
+      } else {
+        write_all(fd.get(), data, size, temp);
+      }
     });
-    if (sums) (*sums)[path] = crc;
+    if (sums) (*sums)[path] = crc->value();
+    if (finish) finish(fd.get(), temp);
     TORCH_CHECK(::fsync(fd.get()) == 0, "cannot fsync ", in_quotes(temp), ": ", errno_text());
     TORCH_CHECK(::close(fd.release()) == 0, "cannot close ", in_quotes(temp), ": ", errno_text());
     TORCH_CHECK(::rename(temp.c_str(), path.c_str()) == 0, "cannot rename ", in_quotes(temp),
@@ -555,6 +611,8 @@ void detail::write_file_atomically_with(
   TORCH_CHECK(::fsync(dir_fd.get()) == 0, "cannot fsync directory ", in_quotes(dir), ": ",
               errno_text());
 }
+
+}  // namespace
 
 Header parse_header(std::string_view bytes) {
   const uint64_t n = header_length(bytes, bytes.size());

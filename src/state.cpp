@@ -4,6 +4,7 @@
 #include "accelerate/detail/cpu_allocator.h"
 #include "accelerate/detail/direct_gloo.h"
 #include "accelerate/detail/runtime_defaults.h"
+#include "detail/error_record.h"
 
 #include <torch/cuda.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -178,6 +179,9 @@ void PartialState::init(const ProcessTopology& topology, const StateOptions& opt
   options_ = options;
   // Freed gradients and activations must not go back to the kernel between steps.
   const EnvMap process_env = current_environment();
+  // Before the process group exists: a failure from here on leaves a timestamped record for the
+  // launcher, and Gloo's threads cannot abort the process (detail/error_record.h).
+  detail::install_error_record();
   detail::apply_allocator_defaults(process_env);
   detail::install_cpu_caching_allocator(process_env);
   const ResolvedOptions resolved = resolve_options(options, env);

@@ -51,4 +51,17 @@ inline constexpr const char* kDeepSpeedZero3Save16BitModel =
 /// Path of a DeepSpeed JSON config (`deepspeed_config_file`).
 inline constexpr const char* kDeepSpeedConfigFile = "ACCELERATE_DEEPSPEED_CONFIG_FILE";
 
+// Failure records: `accelerate launch` sets ACCELERATE_ERROR_FILE for every worker (a private
+// temporary directory per attempt, `rank_<R>.json`); the library writes the process's first
+// failure there as one JSON object with these fields, and the launcher names the root cause
+// of a failed job from them.
+inline constexpr const char* kErrorFile = "ACCELERATE_ERROR_FILE";
+namespace error_record_fields {
+inline constexpr const char* kRank = "rank";       // RANK, -1 when unset
+inline constexpr const char* kTimeNs = "time_ns";  // CLOCK_REALTIME when recorded
+inline constexpr const char* kPid = "pid";
+inline constexpr const char* kMessage = "message";
+inline constexpr const char* kCausedByPeer = "caused_by_peer";  // a vanished peer caused it
+}  // namespace error_record_fields
+
 }  // namespace accelerate::env

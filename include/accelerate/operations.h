@@ -9,9 +9,12 @@
 /// optionals, c10::IValue, LibTorch's Example, user structs declared with
 /// ACCELERATE_TENSOR_FIELDS) and returns the same structure. Each collective has an overload
 /// taking the PartialState first, and one that uses PartialState::shared(). Every process must
-/// call a collective with the same structure, in the same order; in debug mode
-/// (`ACCELERATE_DEBUG_MODE=1`) a mismatch is an error on every process that lists what each
-/// process passed, instead of a hang.
+/// call a collective with the same structure, in the same order. Always (not only in debug mode)
+/// each call first exchanges a small fingerprint (operation, name, dtype, shape, call number):
+/// calls that do not pair up, such as different shapes or a call one process skipped, are an
+/// error on every process listing each process's call, never a wrong result or a hang. Debug
+/// mode (`ACCELERATE_DEBUG_MODE=1`) also compares whole structures (paths and leaf types). A
+/// process that does not arrive within the timeout is named in the error.
 ///
 /// Example:
 /// \code

@@ -3,14 +3,19 @@
 #include <c10/util/Exception.h>
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
+#include <system_error>
+#include <thread>
 
 #if defined(__x86_64__)
 #include <nmmintrin.h>
@@ -186,9 +191,115 @@ uint32_t crc32c_of_file(const std::string& path, uint64_t offset) {
   return crc;
 }
 
+namespace {
+
+// A second thread only helps where this process may run on a second core.
+bool can_overlap() {
+  static const bool yes = [] {
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    if (::sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return CPU_COUNT(&cpus) > 1;
+    return std::thread::hardware_concurrency() != 1;
+  }();
+  return yes;
+}
+
+}  // namespace
+
+// One piece at a time: handed over by start(), collected by wait().
+struct OverlappedCrc32c::Worker {
+  std::mutex mutex;
+  std::condition_variable wake;      // a piece was handed over, or stop
+  std::condition_variable finished;  // the piece is hashed
+  const void* data = nullptr;
+  size_t size = 0;
+  uint32_t crc = 0;
+  bool pending = false;
+  bool stop = false;
+  std::thread thread;
+
+  Worker() {
+    thread = std::thread([this] { run(); });
+  }
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stop = true;
+    }
+    wake.notify_one();
+    thread.join();
+  }
+
+  void run() {
+    std::unique_lock<std::mutex> lock(mutex);
+    for (;;) {
+      wake.wait(lock, [&] { return pending || stop; });
+      if (!pending) return;
+      const void* const piece = data;
+      const size_t n = size;
+      const uint32_t before = crc;
+      lock.unlock();
+      const uint32_t after = crc32c(before, piece, n);
+      lock.lock();
+      crc = after;
+      pending = false;
+      finished.notify_one();
+    }
+  }
+
+  void start(uint32_t from, const void* piece, size_t n) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      crc = from;
+      data = piece;
+      size = n;
+      pending = true;
+    }
+    wake.notify_one();
+  }
+
+  uint32_t wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    finished.wait(lock, [&] { return !pending; });
+    return crc;
+  }
+};
+
+OverlappedCrc32c::OverlappedCrc32c() = default;
+OverlappedCrc32c::~OverlappedCrc32c() = default;
+
+void OverlappedCrc32c::update_during(const void* data, size_t size,
+                                     const std::function<void()>& work) {
+  if (size >= kOverlapMinBytes && !worker_ && can_overlap()) {
+    try {
+      worker_ = std::make_unique<Worker>();
+    } catch (const std::system_error&) {
+      // No thread to be had: hash on this one.
+    }
+  }
+  if (size < kOverlapMinBytes || !worker_) {
+    work();
+    crc_ = crc32c(crc_, data, size);
+    return;
+  }
+  worker_->start(crc_, data, size);
+  try {
+    work();
+  } catch (...) {
+    (void)worker_->wait();  // the caller may free `data` as the exception unwinds
+    throw;
+  }
+  crc_ = worker_->wait();
+}
+
 std::map<std::string, uint32_t>*& checksum_sink() {
   thread_local std::map<std::string, uint32_t>* sink = nullptr;
   return sink;
+}
+
+const char*& data_checksum_key() {
+  thread_local const char* key = nullptr;
+  return key;
 }
 
 std::string crc32c_hex(uint32_t crc) {

@@ -1,5 +1,7 @@
 #include "accelerate/detail/direct_gloo.h"
 
+#include "error_record.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -32,6 +34,11 @@ void DirectWork::wait() {
   if (error_) std::rethrow_exception(error_);
 }
 
+bool DirectWork::wait_for(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  return done_.wait_for(lock, timeout, [&] { return completed_; });
+}
+
 bool DirectWork::completed() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return completed_;
@@ -50,6 +57,113 @@ void DirectWork::finish(std::exception_ptr error) {
     error_ = std::move(error);
   }
   done_.notify_all();
+}
+
+// ---------------------------------------------------------------------- fingerprints
+
+namespace {
+
+std::string reduction_name(int32_t code) {
+  switch (code) {
+    case 1:
+      return "sum";
+    case 2:
+      return "product";
+    case 3:
+      return "min";
+    case 4:
+      return "max";
+    default:
+      return "reduction " + std::to_string(code);
+  }
+}
+
+}  // namespace
+
+int32_t DirectGloo::reduction_code(c10d::ReduceOp op) {
+  if (op == c10d::ReduceOp::SUM) return 1;
+  if (op == c10d::ReduceOp::PRODUCT) return 2;
+  if (op == c10d::ReduceOp::MIN) return 3;
+  if (op == c10d::ReduceOp::MAX) return 4;
+  return 0;
+}
+
+CallFingerprint CallFingerprint::of(const char* name, Kind kind, const at::Tensor& payload,
+                                    int32_t arg) {
+  CallFingerprint f;
+  f.kind = kind;
+  f.arg = arg;
+  std::strncpy(f.name, name, kNameBytes - 1);
+  if (payload.defined()) {
+    f.dtype = static_cast<int32_t>(payload.scalar_type());
+    f.ndim = static_cast<int32_t>(payload.dim());
+    f.numel = payload.numel();
+    int64_t fold = 0;
+    for (int64_t i = 0; i < payload.dim(); ++i) {
+      if (i < kDims - 1 || payload.dim() == kDims) {
+        f.dims[i] = payload.size(i);
+      } else {
+        fold = fold * 1000003 + payload.size(i) + 1;
+        f.dims[kDims - 1] = fold;
+      }
+    }
+  }
+  return f;
+}
+
+bool CallFingerprint::same_call(const CallFingerprint& other) const {
+  CallFingerprint a = *this, b = other;
+  a.sequence = b.sequence = 0;
+  return std::memcmp(&a, &b, sizeof a) == 0;
+}
+
+std::string CallFingerprint::describe() const {
+  std::ostringstream out;
+  out << "'" << std::string(name, strnlen(name, kNameBytes)) << "' (";
+  switch (kind) {
+    case kAllReduce:
+      out << "all-reduce, " << reduction_name(arg);
+      break;
+    case kAllGather:
+      out << "all-gather";
+      break;
+    case kBroadcast:
+      out << "broadcast from process " << arg;
+      break;
+    case kBarrier:
+      out << "barrier";
+      break;
+    case kStructureCheck:
+      out << "debug-mode structure check";
+      break;
+    default:
+      out << "operation " << kind;
+  }
+  out << ")";
+  if (ndim < 0) return out.str();
+  out << " of shape [";
+  for (int32_t i = 0; i < ndim; ++i) {
+    if (i == kDims - 1 && ndim > kDims) {
+      out << (i > 0 ? ", " : "") << "...";
+      break;
+    }
+    out << (i > 0 ? ", " : "") << dims[i];
+  }
+  out << "] " << c10::toString(static_cast<c10::ScalarType>(dtype));
+  return out.str();
+}
+
+void fail_mismatch(const CallFingerprint& mine, const std::vector<CallFingerprint>& all) {
+  std::ostringstream msg;
+  msg << "accelerate: collective '" << std::string(mine.name, strnlen(mine.name, mine.kNameBytes))
+      << "' (call #" << mine.sequence << " of this process group) does not match across processes:";
+  for (size_t r = 0; r < all.size(); ++r) {
+    msg << "\n  process " << r << ": call #" << all[r].sequence << " " << all[r].describe();
+  }
+  msg << "\nEvery process must call the same collectives, in the same order, with tensors of the "
+         "same shape and dtype (pad_across_processes evens out sizes). A call missing on one "
+         "process shows as its next call paired with the missing one.";
+  TORCH_CHECK(false, msg.str());
 }
 
 #if ACCELERATE_HAVE_DIRECT_GLOO
@@ -172,44 +286,12 @@ std::string op_name_of(c10d::ReduceOp op) {
   return "other";
 }
 
-int op_code(c10d::ReduceOp op) {
-  if (op == c10d::ReduceOp::SUM) return 1;
-  if (op == c10d::ReduceOp::PRODUCT) return 2;
-  if (op == c10d::ReduceOp::MIN) return 3;
-  if (op == c10d::ReduceOp::MAX) return 4;
-  return 0;
-}
-
-std::string op_name_of_code(int64_t code) {
-  switch (code) {
-    case 1:
-      return "sum";
-    case 2:
-      return "product";
-    case 3:
-      return "min";
-    case 4:
-      return "max";
-    default:
-      return "unknown operation " + std::to_string(code);
-  }
-}
-
-// What every exchanged message starts with, so that calls which do not pair up are recognised.
-struct ExchangeHeader {
-  uint64_t sequence;
-  int64_t operation;
-  int64_t dtype;
-  int64_t numel;
-};
-constexpr int64_t kHeaderBytes = sizeof(ExchangeHeader);
+// Every exchanged message starts with the call's fingerprint, then the payload.
+constexpr int64_t kHeaderBytes = sizeof(CallFingerprint);
 static_assert(kHeaderBytes % 16 == 0, "payloads after the header stay 16-byte aligned");
 
-std::string describe(const ExchangeHeader& h) {
-  std::ostringstream out;
-  out << "call #" << h.sequence << ", " << op_name_of_code(h.operation) << " of " << h.numel << " "
-      << c10::toString(static_cast<c10::ScalarType>(h.dtype)) << " elements";
-  return out.str();
+bool mentions_timeout(const std::string& what) {
+  return what.find("imeout") != std::string::npos || what.find("imed out") != std::string::npos;
 }
 
 }  // namespace
@@ -237,6 +319,10 @@ struct Channel {
 };
 
 struct DirectGloo::Impl {
+  int rank = 0;
+  int world = 0;
+  // Where processes that timed out say which call they were waiting in (see fail_transport).
+  c10::intrusive_ptr<c10d::Store> diagnosis;
   std::shared_ptr<::gloo::transport::Device> device;
   std::shared_ptr<::gloo::rendezvous::Context> ring;
   std::chrono::milliseconds timeout{0};
@@ -255,6 +341,16 @@ struct DirectGloo::Impl {
   bool stopping = false;
   uint32_t next_tag = 0;
   std::thread worker;
+
+  // Sends `mine` (sequence filled in here) and `bytes` of payload to every peer and receives
+  // theirs; throws on every process when the calls differ. The caller holds channel.mutex.
+  // Returns the receive slot index the peers' payloads are in.
+  int exchange(Channel& channel, CallFingerprint& mine, const void* payload, int64_t bytes);
+
+  // A send or receive failed: a peer closed its connection, or it did not arrive in time. Names
+  // the peer; for a timeout, asks the store which processes are waiting where.
+  [[noreturn]] void fail_transport(const CallFingerprint& mine, const std::vector<bool>& arrived,
+                                   int peer, const std::string& what);
 
   void run_worker() {
     for (;;) {
@@ -331,7 +427,10 @@ DirectGloo::DirectGloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, i
               "accelerate: DirectGloo needs 0 <= rank < world_size and world_size >= 2, got rank ",
               rank, " of ", world_size);
   auto& impl = *impl_;
+  impl.rank = rank;
+  impl.world = world_size;
   impl.timeout = timeout;
+  impl.diagnosis = c10::make_intrusive<c10d::PrefixStore>("direct/waiting/", store);
   impl.device = make_device(address);
   // Two contexts: the synchronous one for small exchanges, and one in Gloo's usual mode that the
   // ring (unbound buffers, on the worker) and the medium exchange (bound buffers, on the calling
@@ -366,7 +465,130 @@ bool DirectGloo::ringable(const at::Tensor& t) {
          supported_dtype(t.scalar_type());
 }
 
-void DirectGloo::exchange_allreduce_(at::Tensor& t, c10d::ReduceOp op, const char* op_name) {
+int DirectGloo::Impl::exchange(Channel& channel, CallFingerprint& mine, const void* payload,
+                               int64_t bytes) {
+  const int64_t slot_bytes = channel.slot_bytes();
+  const int k = static_cast<int>(channel.sequence & 1U);
+  mine.sequence = channel.sequence;
+  auto* send = channel.send_memory.data_ptr<uint8_t>();
+  std::memcpy(send, &mine, sizeof mine);
+  if (bytes > 0) std::memcpy(send + kHeaderBytes, payload, static_cast<size_t>(bytes));
+  // Receive slots hold a whole message of the channel's capacity, so a peer's message of another
+  // length is received, and its header refused, rather than tripping Gloo's size check.
+  const auto message = static_cast<size_t>(kHeaderBytes + bytes);
+  ++channel.sequence;
+  std::vector<bool> arrived(static_cast<size_t>(world), false);
+  arrived[static_cast<size_t>(rank)] = true;
+  int peer = -1;
+  try {
+    for (peer = 0; peer < world; ++peer) {
+      if (peer != rank) channel.sends[k][static_cast<size_t>(peer)]->send(0, message);
+    }
+    for (peer = 0; peer < world; ++peer) {
+      if (peer == rank) continue;
+      channel.recvs[k][static_cast<size_t>(peer)]->waitRecv();
+      arrived[static_cast<size_t>(peer)] = true;
+    }
+    for (peer = 0; peer < world; ++peer) {
+      if (peer != rank) channel.sends[k][static_cast<size_t>(peer)]->waitSend();
+    }
+  } catch (const std::exception& e) {
+    fail_transport(mine, arrived, peer, e.what());
+  }
+  const uint8_t* recv = channel.recv_memory[k].data_ptr<uint8_t>();
+  std::vector<CallFingerprint> all(static_cast<size_t>(world));
+  bool same = true;
+  for (int r = 0; r < world; ++r) {
+    auto& theirs = all[static_cast<size_t>(r)];
+    if (r == rank) {
+      theirs = mine;
+    } else {
+      std::memcpy(&theirs, recv + slot_bytes * r, sizeof theirs);
+    }
+    same = same && theirs.same_call(mine) && theirs.sequence == mine.sequence;
+  }
+  if (!same) fail_mismatch(mine, all);
+  return k;
+}
+
+void DirectGloo::Impl::fail_transport(const CallFingerprint& mine, const std::vector<bool>& arrived,
+                                      int peer, const std::string& what) {
+  std::ostringstream msg;
+  const double seconds = std::chrono::duration<double>(timeout).count();
+  msg << "accelerate: collective '" << mine.name << "' (call #" << mine.sequence
+      << ") failed on process " << rank << " of " << world << ": ";
+  if (!mentions_timeout(what) && peer >= 0 && peer < world) {
+    msg << "process " << peer << " closed its connection or failed (" << what
+        << "); the error that stopped it is in its own output";
+    record_failure(msg.str(), /*caused_by_peer=*/true);
+    TORCH_CHECK(false, msg.str());
+  }
+  // Timed out. Every process that reaches this point says where it waits; whoever neither sent
+  // its message nor says so within the grace period did not arrive.
+  const std::string here = std::to_string(mine.sequence) + "\t" + mine.name;
+  std::vector<std::string> waiting(static_cast<size_t>(world));
+  try {
+    diagnosis->set(std::to_string(rank), std::vector<uint8_t>(here.begin(), here.end()));
+    const auto grace = std::clamp<std::chrono::milliseconds>(
+        timeout / 10, std::chrono::milliseconds(200), std::chrono::seconds(10));
+    const auto deadline = std::chrono::steady_clock::now() + grace;
+    for (;;) {
+      bool all_seen = true;
+      for (int r = 0; r < world; ++r) {
+        auto& w = waiting[static_cast<size_t>(r)];
+        if (r == rank || arrived[static_cast<size_t>(r)] || !w.empty()) continue;
+        if (diagnosis->check({std::to_string(r)})) {
+          const auto v = diagnosis->get(std::to_string(r));
+          w.assign(v.begin(), v.end());
+        } else {
+          all_seen = false;
+        }
+      }
+      if (all_seen || std::chrono::steady_clock::now() >= deadline) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  } catch (const std::exception&) {
+    // The store is gone too (its server process exited): report what the sockets told us.
+  }
+  std::vector<std::string> missing;
+  std::ostringstream elsewhere;
+  for (int r = 0; r < world; ++r) {
+    if (r == rank || arrived[static_cast<size_t>(r)]) continue;
+    const auto& w = waiting[static_cast<size_t>(r)];
+    if (w == here) continue;  // at this very call: held up by the same absentee
+    missing.push_back(std::to_string(r));
+    if (!w.empty()) {
+      const auto tab = w.find('\t');
+      elsewhere << "; process " << r << " is waiting in call #" << w.substr(0, tab) << " '"
+                << (tab == std::string::npos ? std::string() : w.substr(tab + 1)) << "'";
+    }
+  }
+  msg << "timed out after " << seconds << " s: ";
+  if (missing.empty()) {
+    msg << "every process arrived, but the exchange did not complete (" << what << ")";
+  } else {
+    msg << (missing.size() == 1 ? "process " : "processes ");
+    for (size_t i = 0; i < missing.size(); ++i) {
+      msg << (i == 0 ? "" : i + 1 == missing.size() ? " and " : ", ") << missing[i];
+    }
+    msg << " did not arrive" << elsewhere.str();
+    if (elsewhere.str().empty()) {
+      msg << " (no sign of " << (missing.size() == 1 ? "it" : "them")
+          << ": exited, stuck outside collectives, or slower than the timeout)";
+    }
+  }
+  record_failure(msg.str(), /*caused_by_peer=*/true);
+  TORCH_CHECK(false, msg.str());
+}
+
+void DirectGloo::agree(CallFingerprint fingerprint) {
+  Channel& channel = impl_->small;
+  std::lock_guard<std::mutex> lock(channel.mutex);
+  impl_->exchange(channel, fingerprint, nullptr, 0);
+}
+
+void DirectGloo::exchange_allreduce_(at::Tensor& t, c10d::ReduceOp op, const char* op_name,
+                                     const CallFingerprint* fingerprint) {
   TORCH_CHECK(exchangeable(t), "accelerate: '", op_name,
               "': internal error: the exchange all-reduce takes contiguous CPU tensors of at most ",
               impl_->has_medium ? kMediumExchangeBytes : kExchangeBytes, " bytes, got ",
@@ -374,49 +596,21 @@ void DirectGloo::exchange_allreduce_(at::Tensor& t, c10d::ReduceOp op, const cha
   const ReduceFn fn = reduce_function(t.scalar_type(), op);
   TORCH_CHECK(fn != nullptr, "accelerate: '", op_name, "': reduction '", op_name_of(op),
               "' is not supported for ", t.scalar_type());
+  CallFingerprint mine =
+      fingerprint != nullptr
+          ? *fingerprint
+          : CallFingerprint::of(op_name, CallFingerprint::kAllReduce, t, reduction_code(op));
   const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  Channel& channel = bytes <= kExchangeBytes ? impl_->small : impl_->medium;
+  const bool small = bytes <= kExchangeBytes;
+  // A medium message travels on another channel: the processes first agree on the call in the
+  // shared sequence, so that one process's medium call never waits for another's small one.
+  if (!small) agree(mine);
+  Channel& channel = small ? impl_->small : impl_->medium;
   std::lock_guard<std::mutex> lock(channel.mutex);
   const int64_t slot_bytes = channel.slot_bytes();
-  const int k = static_cast<int>(channel.sequence & 1U);
-  ExchangeHeader mine{channel.sequence, op_code(op), static_cast<int64_t>(t.scalar_type()),
-                      t.numel()};
-  auto* send = channel.send_memory.data_ptr<uint8_t>();
-  std::memcpy(send, &mine, sizeof mine);
-  if (bytes > 0) std::memcpy(send + kHeaderBytes, t.data_ptr(), static_cast<size_t>(bytes));
-  // The receiver learns the payload's length from the header, and refuses a message whose
-  // header differs from its own.
-  const auto message = static_cast<size_t>(kHeaderBytes + bytes);
-  ++channel.sequence;
-  try {
-    for (int peer = 0; peer < world_size_; ++peer) {
-      if (peer != rank_) channel.sends[k][static_cast<size_t>(peer)]->send(0, message);
-    }
-    for (int peer = 0; peer < world_size_; ++peer) {
-      if (peer != rank_) channel.recvs[k][static_cast<size_t>(peer)]->waitRecv();
-    }
-    for (int peer = 0; peer < world_size_; ++peer) {
-      if (peer != rank_) channel.sends[k][static_cast<size_t>(peer)]->waitSend();
-    }
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "accelerate: collective '", op_name, "' failed on process ", rank_, " of ",
-                world_size_, " (timeout ", std::chrono::duration<double>(impl_->timeout).count(),
-                " s): ", e.what());
-  }
-  const uint8_t* recv = channel.recv_memory[k].data_ptr<uint8_t>();
-  for (int peer = 0; peer < world_size_; ++peer) {
-    if (peer == rank_) continue;
-    ExchangeHeader theirs{};
-    std::memcpy(&theirs, recv + slot_bytes * peer, sizeof theirs);
-    if (std::memcmp(&theirs, &mine, sizeof mine) != 0) {
-      TORCH_CHECK(false, "accelerate: collective '", op_name,
-                  "' does not match across processes: ", "process ", rank_, " made ",
-                  describe(mine), ", but process ", peer, " made ", describe(theirs),
-                  ". Every process must call the same collectives, in the same order, with "
-                  "tensors of the same shape and dtype.");
-    }
-  }
+  const int k = impl_->exchange(channel, mine, t.data_ptr(), bytes);
   if (bytes == 0) return;
+  const uint8_t* recv = channel.recv_memory[k].data_ptr<uint8_t>();
   // Rank order on every process: the same operands in the same order give the same bits.
   auto* acc = channel.accumulator.data_ptr<uint8_t>();
   auto operand = [&](int r) -> const void* {
@@ -520,7 +714,12 @@ bool DirectGloo::ringable(const at::Tensor& /*t*/) {
 }
 
 void DirectGloo::exchange_allreduce_(at::Tensor& /*t*/, c10d::ReduceOp /*op*/,
-                                     const char* /*op_name*/) {
+                                     const char* /*op_name*/,
+                                     const CallFingerprint* /*fingerprint*/) {
+  TORCH_CHECK(false, "accelerate: this build has no direct Gloo support");
+}
+
+void DirectGloo::agree(CallFingerprint /*fingerprint*/) {
   TORCH_CHECK(false, "accelerate: this build has no direct Gloo support");
 }
 

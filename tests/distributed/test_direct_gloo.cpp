@@ -152,9 +152,13 @@ TEST(DirectGloo, CallsThatDoNotPairUpAreAnErrorOnEveryProcessNamingBothSides) {
       bounded());
   for (int rank = 0; rank < 2; ++rank) {
     const auto text = message(errors[static_cast<size_t>(rank)]);
-    EXPECT_NE(text.find("'reduce' does not match across processes"), std::string::npos) << text;
-    EXPECT_NE(text.find("sum of 3 Float elements"), std::string::npos) << text;
-    EXPECT_NE(text.find("sum of 4 Float elements"), std::string::npos) << text;
+    EXPECT_NE(text.find("'reduce' (call #"), std::string::npos) << text;
+    EXPECT_NE(text.find("does not match across processes"), std::string::npos) << text;
+    EXPECT_NE(text.find("process 0: call #"), std::string::npos) << text;
+    EXPECT_NE(text.find("'reduce' (all-reduce, sum) of shape [3] Float"), std::string::npos)
+        << text;
+    EXPECT_NE(text.find("'reduce' (all-reduce, sum) of shape [4] Float"), std::string::npos)
+        << text;
   }
   errors = run_ranks_collect(
       2,
@@ -165,10 +169,59 @@ TEST(DirectGloo, CallsThatDoNotPairUpAreAnErrorOnEveryProcessNamingBothSides) {
       },
       bounded());
   for (const auto& e : errors) {
-    EXPECT_NE(message(e).find("max of 5 Float elements"), std::string::npos) << message(e);
+    EXPECT_NE(message(e).find("'all_reduce' (all-reduce, max) of shape [5] Float"),
+              std::string::npos)
+        << message(e);
   }
   // Found by the header, not by a timeout.
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+// A medium or large all-reduce travels on another channel than a small one; without agreeing
+// first, one process would wait on one channel and its peer on the other until the timeout.
+TEST(DirectGloo, CallsOfEverySizeAgreeInOneSequence) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t large : {int64_t{100000}, int64_t{1} << 21}) {
+    auto errors = run_ranks_collect(
+        2,
+        [large](PartialState& state) {
+          const int rank = state.process_index();
+          accelerate::reduce(state, at::ones({rank == 0 ? large : 2}), "sum");
+        },
+        bounded());
+    for (const auto& e : errors) {
+      const auto text = message(e);
+      EXPECT_NE(text.find("process 0: call #1 'reduce' (all-reduce, sum) of shape [" +
+                          std::to_string(large) + "] Float\n"),
+                std::string::npos)
+          << text;
+      EXPECT_NE(text.find("process 1: call #1 'reduce' (all-reduce, sum) of shape [2] Float\n"),
+                std::string::npos)
+          << text;
+    }
+  }
+  // A barrier against a reduce, and a call made after a mismatch: the group still pairs calls.
+  run_ranks(
+      3,
+      [](PartialState& state) {
+        const int rank = state.process_index();
+        try {
+          if (rank == 2) {
+            state.wait_for_everyone();
+          } else {
+            accelerate::reduce(state, at::ones({3}), "sum");
+          }
+          throw std::runtime_error("no error");
+        } catch (const c10::Error& e) {
+          const std::string text = e.what_without_backtrace();
+          if (text.find("process 2: call #1 'wait_for_everyone' (barrier)\n") == std::string::npos)
+            throw std::runtime_error(text);
+        }
+        auto sum = accelerate::reduce(state, at::full({1 << 20}, rank + 1.0), "sum");
+        if (!at::equal(sum, at::full({1 << 20}, 6.0))) throw std::runtime_error("wrong sum");
+      },
+      bounded());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
 }
 
 TEST(DirectGloo, ReduceIsExactFromBytesToMegabytesAndLeavesItsInputAlone) {
@@ -231,6 +284,22 @@ TEST(DirectGloo, SwitchedOffByTheEnvironmentEverythingStillWorks) {
           throw std::runtime_error("ACCELERATE_DIRECT_GLOO=0 ignored");
         auto sum = accelerate::reduce(*state, at::full({4}, rank + 1.0), "sum");
         if (!at::equal(sum, at::full({4}, 3.0))) throw std::runtime_error("sum without DirectGloo");
+        // Fingerprints travel through the process group's all-gather: a mismatch is still an
+        // error on both, listing both calls, and the group keeps working afterwards.
+        try {
+          accelerate::gather(*state, at::ones({rank + 2}));
+          throw std::runtime_error("no error for gathers of different shapes");
+        } catch (const c10::Error& e) {
+          const std::string text = e.what_without_backtrace();
+          for (const char* part : {"collective 'gather' (call #",
+                                   ": call #2 'gather' (all-gather) of shape [2] Float\n",
+                                   ": call #2 'gather' (all-gather) of shape [3] Float\n"}) {
+            if (text.find(part) == std::string::npos)
+              throw std::runtime_error("missing '" + std::string(part) + "' in: " + text);
+          }
+        }
+        sum = accelerate::reduce(*state, at::full({4}, rank + 1.0), "sum");
+        if (!at::equal(sum, at::full({4}, 3.0))) throw std::runtime_error("sum after mismatch");
       } catch (...) {
         errors[static_cast<size_t>(rank)] = std::current_exception();
       }

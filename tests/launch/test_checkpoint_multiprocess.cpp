@@ -1,13 +1,16 @@
 // save_state / load_state across real processes: resuming through `accelerate launch` gives the
-// uninterrupted run's weights bit for bit (1 and 2 processes), and a process SIGKILLed at any
-// moment of a save never leaves a checkpoint that load_state picks and then fails on.
+// uninterrupted run's weights bit for bit (1 and 2 processes), also when a restart must fall back
+// from a corrupted newest checkpoint, and a process SIGKILLed at any moment of a save never leaves
+// a checkpoint that load_state picks and then fails on.
 
 #include <accelerate/accelerator.h>
 #include <accelerate/checkpoint_state.h>
 #include <accelerate/safetensors.h>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
+#include "../../src/detail/checksum.h"
 #include "expect_error.h"
 #include "launch_util.h"
 #include "resume_training.h"
@@ -16,6 +19,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <sstream>
 #include <string>
@@ -28,6 +32,7 @@ namespace fs = std::filesystem;
 using accelerate::testing::ChildProcess;
 using accelerate::testing::cli_path;
 using accelerate::testing::kLaunchVariables;
+using accelerate::testing::read_text_file;
 using accelerate::testing::run_command;
 using accelerate::testing::same;
 using accelerate::testing::TempDir;
@@ -225,6 +230,101 @@ TEST(CheckpointRestart, AKilledRankIsRestartedAndTheRunEndsWithTheUninterruptedW
   auto b = accelerate::safetensors::load_file(restarted);
   ASSERT_EQ(a.names(), b.names());
   for (const auto& name : a.names()) EXPECT_TRUE(same(b.get(name), a.get(name))) << name;
+}
+
+// A restarted job whose newest checkpoint is corrupted continues from the previous complete one:
+// process 0 finds the damage while picking, and every process says which file it was, resumes
+// from the same older checkpoint, and ends with the weights of a run that never stopped.
+TEST(CheckpointRestart, ACorruptedNewestCheckpointFallsBackOnEveryProcess) {
+  TempDir tmp;
+  const auto straight = (tmp.path() / "straight.safetensors").string();
+  const auto restarted = (tmp.path() / "restarted.safetensors").string();
+  const auto project = tmp.path() / "project";
+  const auto checkpoints = project / "checkpoints";
+  auto r = launch(2, {"train", "--steps", "23", "--out", straight});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // A run that ends after step 13 without saving: checkpoint_0 after step 5, checkpoint_1 after
+  // step 10.
+  r = launch(2, {"train", "--steps", "23", "--auto", "--dir", project.string(), "--save-every", "5",
+                 "--stop-at", "13"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ASSERT_EQ(
+      accelerate::list_checkpoints(checkpoints.string()),
+      (std::vector<std::pair<int64_t, std::string>>{{0, (checkpoints / "checkpoint_0").string()},
+                                                    {1, (checkpoints / "checkpoint_1").string()}}));
+
+  // One byte of the newest checkpoint's weights flips on the disk.
+  const auto file = checkpoints / "checkpoint_1" / "model.safetensors";
+  const auto marker = nlohmann::json::parse(
+      read_text_file(checkpoints / "checkpoint_1" / accelerate::kCheckpointMarkerName));
+  const std::string recorded = marker["crc32c"]["model.safetensors"].get<std::string>();
+  const uint64_t data_start = accelerate::safetensors::read_header(file.string()).data_start;
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(data_start + 5));
+    char c = 0;
+    f.get(c);
+    f.seekp(static_cast<std::streamoff>(data_start + 5));
+    f.put(static_cast<char>(c ^ 0x10));
+  }
+  const std::string actual =
+      accelerate::detail::crc32c_hex(accelerate::detail::crc32c_of_file(file.string()));
+  ASSERT_NE(actual, recorded);
+
+  // The job crashes (rank 1 SIGKILLs itself after its first step, before any save) and the
+  // launcher restarts it; the restarted workers resume by themselves.
+  r = run_command({cli_path(),
+                   "launch",
+                   "-n",
+                   "2",
+                   "--max_restarts",
+                   "1",
+                   "--rank_prefix",
+                   worker_path("checkpoint_worker"),
+                   "train",
+                   "--steps",
+                   "23",
+                   "--auto",
+                   "--dir",
+                   project.string(),
+                   "--save-every",
+                   "5",
+                   "--kill-rank",
+                   "1",
+                   "--kill-at",
+                   "1",
+                   "--out",
+                   restarted},
+                  kTimeout, {{"OMP_NUM_THREADS", "1"}}, kLaunchVariables);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const std::string rank : {"0", "1"}) {
+    const std::string prefix = "[rank " + rank + "] ";
+    EXPECT_NE(r.output.find(prefix + "accelerate: warning: restart 1: accelerate: load_state: \"" +
+                            file.string() + "\" is corrupted: its CRC32C is " + actual +
+                            ", the checkpoint recorded " + recorded +
+                            "; falling back to the previous complete checkpoint\n"),
+              std::string::npos)
+        << "rank " << rank << "\n"
+        << r.output;
+    EXPECT_NE(r.output.find(prefix + "checkpoint_worker: process " + rank + " started at step 5\n"),
+              std::string::npos)
+        << "rank " << rank << "\n"
+        << r.output;
+  }
+  EXPECT_NE(r.output.find("[rank 0] accelerate: restart 1: resuming from \"" +
+                          (checkpoints / "checkpoint_0").string() + "\"\n"),
+            std::string::npos)
+      << r.output;
+  auto a = accelerate::safetensors::load_file(straight);
+  auto b = accelerate::safetensors::load_file(restarted);
+  ASSERT_EQ(a.names(), b.names());
+  for (const auto& name : a.names()) EXPECT_TRUE(same(b.get(name), a.get(name))) << name;
+  // Saves were numbered on after the corrupted checkpoint (2 after step 10, 3 after 15, 4 after
+  // 20) instead of replacing it; total_limit 2 then removed it with the older ones.
+  EXPECT_EQ(
+      accelerate::list_checkpoints(checkpoints.string()),
+      (std::vector<std::pair<int64_t, std::string>>{{3, (checkpoints / "checkpoint_3").string()},
+                                                    {4, (checkpoints / "checkpoint_4").string()}}));
 }
 
 // The last "saved <c> <ms>" line of `output`: {c, ms}, or {-1, 0}.

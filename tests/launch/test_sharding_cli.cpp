@@ -345,8 +345,8 @@ TEST(ShardingLaunch, OtherVariablesAreThoseOfAPlainLaunch) {
     std::vector<std::string> lines;
     for (const auto& line : split_lines(output)) {
       const std::string name = line.substr(0, line.find('='));
-      // The port is chosen afresh for every launch.
-      if (name == "MASTER_PORT") continue;
+      // The port and the failure records' directory are chosen afresh for every launch.
+      if (name == "MASTER_PORT" || name == accelerate::env::kErrorFile) continue;
       if (std::find(kShardingVariables.begin(), kShardingVariables.end(), name) ==
           kShardingVariables.end()) {
         lines.push_back(line);

@@ -1,6 +1,6 @@
 // Restored loader positions must lie inside the dataset: a position past the end of the epoch
 // (a checkpoint of a larger dataset, or a damaged one) is refused, naming both numbers, and the
-// loader is left as it was.
+// loader is left as it was; so are the other loaders when load_state restores several.
 
 #include <accelerate/accelerator.h>
 #include <accelerate/data.h>
@@ -141,6 +141,84 @@ TEST(LoaderPositions, LoadStateRefusesAPositionOutsideTheDatasetBeforeLoadingAny
   EXPECT_TRUE(same(small.linear->bias.detach(), at::full({1}, 5.0f)));
   EXPECT_EQ(small.loader.position().batches_yielded, 0);
   EXPECT_EQ(firsts(small.loader), (std::vector<int64_t>{0, 4}));
+}
+
+// Two prepared loaders and nothing else: what load_state restores of them, all or nothing.
+struct TwoLoaders {
+  accelerate::Accelerator accelerator;
+  DataLoader<at::Tensor> first;
+  DataLoader<at::Tensor> second;
+
+  TwoLoaders(int64_t first_rows, int64_t second_rows)
+      : accelerator([] {
+          accelerate::AcceleratorOptions o;
+          o.state = accelerate::PartialState::from_environment({}, accelerate::EnvMap{});
+          o.gradient_state = std::make_shared<data::GradientState>();
+          return o;
+        }()),
+        first(accelerator.prepare_data_loader(DataLoader(Range{first_rows}, {.batch_size = 4}))),
+        second(accelerator.prepare_data_loader(DataLoader(Range{second_rows}, {.batch_size = 4}))) {
+  }
+};
+
+// Saves a checkpoint in which the first loader stands at epoch 7 after 2 batches and the second
+// at epoch 0 after 3 batches (both over 40 rows, 10 batches an epoch).
+void save_two_positions(const std::filesystem::path& dir) {
+  TwoLoaders saving(40, 40);
+  saving.first.set_epoch(7);
+  int first_seen = 0;
+  for (at::Tensor& a : saving.first) {
+    (void)a;
+    if (++first_seen < 2) continue;
+    int second_seen = 0;
+    for (at::Tensor& b : saving.second) {
+      (void)b;
+      if (++second_seen == 3) {
+        ASSERT_EQ(saving.first.position(),
+                  (data::LoaderPosition{.epoch = 7, .batches_yielded = 2}));
+        ASSERT_EQ(saving.second.position(),
+                  (data::LoaderPosition{.epoch = 0, .batches_yielded = 3}));
+        saving.accelerator.save_state(dir.string());
+        break;
+      }
+    }
+    break;
+  }
+}
+
+TEST(LoaderPositions, LoadStateRestoresEveryLoaderOrNone) {
+  TempDir tmp;
+  const auto dir = tmp.path() / "ckpt";
+  ASSERT_NO_FATAL_FAILURE(save_two_positions(dir));
+
+  // The second loader has 2 batches an epoch and refuses its 3: the first, which would accept
+  // its position, must stay where it was (epoch 4, at the start).
+  TwoLoaders loading(40, 8);
+  loading.first.set_epoch(4);
+  const data::LoaderPosition before{.epoch = 4, .batches_yielded = 0};
+  ASSERT_EQ(loading.first.position(), before);
+  EXPECT_EQ(error_of([&] { loading.accelerator.load_state(dir.string()); }),
+            "accelerate: load_state: \"" + (dir / "random_states_0.safetensors").string() +
+                "\": data loader 1: the loader position is outside the dataset: 3 batches already "
+                "yielded, but this loader has 2 batches per epoch");
+  EXPECT_EQ(loading.first.position(), before);
+  EXPECT_EQ(loading.first.iteration(), 4);
+  EXPECT_EQ(loading.second.position(), (data::LoaderPosition{}));
+  // Whole epochs from their first batch, counted on from where each was.
+  EXPECT_EQ(firsts(loading.first), (std::vector<int64_t>{0, 4, 8, 12, 16, 20, 24, 28, 32, 36}));
+  EXPECT_EQ(loading.first.iteration(), 5);
+  EXPECT_EQ(firsts(loading.second), (std::vector<int64_t>{0, 4}));
+  EXPECT_EQ(loading.second.iteration(), 1);
+
+  // With both positions inside their datasets both are restored.
+  TwoLoaders fitting(40, 16);  // 4 batches: 3 yielded leave 1
+  fitting.first.set_epoch(4);
+  ASSERT_NO_THROW(fitting.accelerator.load_state(dir.string()));
+  EXPECT_EQ(fitting.first.iteration(), 7);
+  EXPECT_EQ(firsts(fitting.first), (std::vector<int64_t>{8, 12, 16, 20, 24, 28, 32, 36}));
+  EXPECT_EQ(fitting.first.iteration(), 8);
+  EXPECT_EQ(firsts(fitting.second), (std::vector<int64_t>{12}));
+  EXPECT_EQ(fitting.second.iteration(), 1);
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 #include "sharding.h"
 #include "supervisor.h"
 
+#include <accelerate/env_names.h>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -376,7 +378,10 @@ class LaunchCommand final : public Command {
                                       .max_restarts = config.max_restarts,
                                       .monitor_interval = config.monitor_interval,
                                       .log_dir = config.log_dir.value_or(""),
-                                      .tee = config.tee});
+                                      .tee = config.tee,
+                                      // Set per attempt by the supervisor, over any value of the
+                                      // user's: see worker_environment().
+                                      .error_file_variable = accelerate::env::kErrorFile});
   }
 
  private:
@@ -685,6 +690,10 @@ std::vector<std::string> worker_environment(const LaunchConfig& config,
   for (const auto& [name, value] : sharding_environment(config)) set_env_entry(env, name, value);
   for (const auto& [name, value] : config.thread_defaults) set_env_entry(env, name, value);
   for (const auto& [name, value] : config.memory_defaults) set_env_entry(env, name, value);
+  // ACCELERATE_ERROR_FILE is not set here but by run_workers(), which makes a private directory
+  // for each attempt's failure records and names the root cause of a failure from them. Like
+  // torchrun's TORCHELASTIC_ERROR_FILE, it replaces a value the user set: the launcher has to know
+  // where every worker's record is.
   return env;
 }
 

@@ -1,5 +1,8 @@
 #include "supervisor.h"
 
+// Only the record's names: the command does not link the library.
+#include <accelerate/env_names.h>
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -10,11 +13,19 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
 
 namespace accelerate::cli {
 namespace {
@@ -27,6 +38,8 @@ constexpr std::size_t kMaxPendingLine = 1 << 20;
 // After the last worker is reaped, how long we keep reading output that is still in flight. Only a
 // process the worker left behind could still be writing; we do not wait for it.
 constexpr auto kFinalDrain = std::chrono::milliseconds(500);
+// A worker's message in the root-cause line: its first line, at most this long.
+constexpr std::size_t kMaxMessageInLine = 300;
 
 std::string signal_name(int sig) {
   const char* abbrev = ::sigabbrev_np(sig);
@@ -50,6 +63,99 @@ void say(const SupervisorOptions& options, const std::string& message) {
   const std::string line = options.name + ": " + message + "\n";
   write_all(STDERR_FILENO, line.data(), line.size());
 }
+
+// How a worker ended, as the per-exit and root-cause lines say it.
+std::string exit_text(int status) {
+  return WIFEXITED(status) ? "exited with code " + std::to_string(WEXITSTATUS(status))
+                           : "was killed by " + signal_name(WTERMSIG(status)) + " (" +
+                                 std::string(::strsignal(WTERMSIG(status))) + ")";
+}
+
+// What a worker wrote about its own failure (src/detail/error_record.h).
+struct FailureRecord {
+  int64_t time_ns = 0;
+  std::string message;
+  bool caused_by_peer = false;
+};
+
+// The record at `path`, or nothing when there is none or it is not one (a worker that does not
+// use the library, or that died while writing: records are renamed into place, so a torn one
+// would be a bug, and is ignored rather than trusted).
+std::optional<FailureRecord> read_failure_record(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  std::ostringstream text;
+  text << in.rdbuf();
+  const auto json = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  namespace field = accelerate::env::error_record_fields;
+  if (!json.is_object() || !json.contains(field::kTimeNs) || !json.contains(field::kMessage) ||
+      !json.contains(field::kCausedByPeer)) {
+    return std::nullopt;
+  }
+  const auto& time_ns = json[field::kTimeNs];
+  const auto& message = json[field::kMessage];
+  const auto& caused_by_peer = json[field::kCausedByPeer];
+  if (!time_ns.is_number_integer() || !message.is_string() || !caused_by_peer.is_boolean()) {
+    return std::nullopt;
+  }
+  return FailureRecord{.time_ns = time_ns.get<int64_t>(),
+                       .message = message.get<std::string>(),
+                       .caused_by_peer = caused_by_peer.get<bool>()};
+}
+
+// A message fit for one line: its first non-empty line (C++ exceptions from LibTorch carry a
+// backtrace after it), trimmed and shortened.
+std::string one_line(const std::string& message) {
+  std::istringstream lines(message);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const auto first = line.find_first_not_of(" \t\r");
+    if (first == std::string::npos) continue;
+    line = line.substr(first, line.find_last_not_of(" \t\r") - first + 1);
+    if (line.size() > kMaxMessageInLine) line = line.substr(0, kMaxMessageInLine) + "...";
+    return line;
+  }
+  return "";
+}
+
+int64_t realtime_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The private directory that holds one attempt's failure records; removed with them.
+class RecordDir {
+ public:
+  RecordDir() = default;
+  RecordDir(const RecordDir&) = delete;
+  RecordDir& operator=(const RecordDir&) = delete;
+  ~RecordDir() { remove(); }
+
+  // Makes a fresh directory (mode 0700, mkdtemp's); false when it cannot.
+  bool create() {
+    remove();
+    std::error_code error;
+    const auto base = std::filesystem::temp_directory_path(error);
+    std::string templ =
+        ((error ? std::filesystem::path("/tmp") : base) / "accelerate-launch-errors-XXXXXX")
+            .string();
+    if (::mkdtemp(templ.data()) == nullptr) return false;
+    path_ = templ;
+    return true;
+  }
+  void remove() {
+    if (path_.empty()) return;
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+    path_.clear();
+  }
+  bool active() const { return !path_.empty(); }
+  std::string file(int rank) const { return path_ + "/rank_" + std::to_string(rank) + ".json"; }
+
+ private:
+  std::string path_;
+};
 
 // Blocks the signals the supervisor handles and delivers them through a signalfd, so that the main
 // loop handles SIGCHLD, worker output and shutdown requests in one poll() with no async handlers.
@@ -161,10 +267,22 @@ struct Relay {
   }
 };
 
+// How a worker ended, as we saw it.
+struct WorkerExit {
+  int status = 0;
+  // When we reaped it: on the steady clock (the order we saw exits in) and on the wall clock,
+  // which the workers' records use.
+  std::chrono::steady_clock::time_point seen;
+  int64_t seen_realtime_ns = 0;
+  // A non-zero exit, or a signal that was not ours (SIGTERM or SIGKILL while we stopped the group).
+  bool failed_on_its_own = false;
+};
+
 struct Worker {
   const WorkerSpec* spec = nullptr;
   pid_t pid = -1;
   bool running = false;
+  std::optional<WorkerExit> exit;
 };
 
 // Argument and environment arrays for execve, built before fork: after fork only
@@ -226,10 +344,13 @@ class Supervisor {
     workers_.clear();
     // workers_ points into specs_, which therefore stays put until the next attempt.
     specs_ = make_workers_(restart_count_);
+    give_error_files();
     for (const auto& spec : specs_) workers_.push_back({.spec = &spec});
     stopping_ = false;
     killed_ = false;
     restart_pending_ = false;
+    worker_failed_ = false;
+    first_failed_ = nullptr;
     for (auto& w : workers_) {
       if (!start(w)) {
         final_status_ = kWorkerFailedExitCode;
@@ -242,9 +363,87 @@ class Supervisor {
       // A stop request that came in while the last worker went still counts.
       while (auto sig = signals_.next()) on_signal(*sig);
     }
+    if (worker_failed_) {
+      // A final failure always gets its line; one that is about to be retried only when the
+      // worker its exit line named was not the cause.
+      const auto [root, line] = root_cause();
+      if (!restart_pending_ || root != first_failed_) say(options_, line);
+    }
+    record_dir_.remove();
     if (final_status_) return final_status_;
     if (restart_pending_) return std::nullopt;
     return 0;
+  }
+
+  // Points every worker of this attempt at its own record file in a fresh directory.
+  void give_error_files() {
+    record_dir_.remove();
+    if (options_.error_file_variable.empty()) return;
+    if (!record_dir_.create()) {
+      say(options_, "cannot create a directory for the workers' failure records: " +
+                        std::string(std::strerror(errno)) +
+                        "; a failure's root cause will be judged by exit times alone");
+      return;
+    }
+    const std::string key = options_.error_file_variable + "=";
+    for (auto& spec : specs_) {
+      std::erase_if(spec.env, [&](const std::string& entry) {
+        return entry.compare(0, key.size(), key) == 0;
+      });
+      spec.env.push_back(key + record_dir_.file(spec.rank));
+    }
+  }
+
+  // "rank R (local rank L, pid P)", how our lines name a worker.
+  static std::string describe(const Worker& w) {
+    return "rank " + std::to_string(w.spec->rank) + " (local rank " +
+           std::to_string(w.spec->local_rank) + ", pid " + std::to_string(w.pid) + ")";
+  }
+
+  // The worker whose failure the others followed, and the line that names it; see run_workers()
+  // in the header.
+  std::pair<const Worker*, std::string> root_cause() const {
+    struct Failure {
+      const Worker* worker;
+      std::optional<FailureRecord> record;
+      int64_t time_ns;
+      bool on_its_own_account;  // no record, or one that does not blame a peer
+    };
+    std::vector<Failure> failures;
+    for (const auto& w : workers_) {
+      if (!w.exit) continue;
+      auto record =
+          record_dir_.active() ? read_failure_record(record_dir_.file(w.spec->rank)) : std::nullopt;
+      // A worker that recorded a failure failed, even if our stopping it ended it afterwards.
+      if (!w.exit->failed_on_its_own && !record) continue;
+      const int64_t time_ns = record ? record->time_ns : w.exit->seen_realtime_ns;
+      const bool own = !record || !record->caused_by_peer;
+      failures.push_back({&w, std::move(record), time_ns, own});
+    }
+    // Earliest first; exits we saw earlier break ties.
+    std::stable_sort(failures.begin(), failures.end(), [](const Failure& a, const Failure& b) {
+      if (a.time_ns != b.time_ns) return a.time_ns < b.time_ns;
+      return a.worker->exit->seen < b.worker->exit->seen;
+    });
+    if (failures.empty()) return {nullptr, "root cause: unknown (no worker failed on its own)"};
+    auto root = std::find_if(failures.begin(), failures.end(),
+                             [](const Failure& f) { return f.on_its_own_account; });
+    if (root == failures.end()) root = failures.begin();
+    std::string line =
+        "root cause: " + describe(*root->worker) + " " + exit_text(root->worker->exit->status);
+    if (root->record && !one_line(root->record->message).empty()) {
+      line += ": " + one_line(root->record->message);
+    }
+    std::string after;
+    for (auto it = failures.begin(); it != failures.end(); ++it) {
+      if (it == root) continue;
+      after += "; rank " + std::to_string(it->worker->spec->rank) + " failed after it";
+      if (it->record && !one_line(it->record->message).empty()) {
+        after += ": " + one_line(it->record->message);
+      }
+    }
+    if (!after.empty()) line += " (first failure" + after + ")";
+    return {root->worker, line};
   }
 
   // The worker's log file, opened on first use and kept for every attempt; -1 when it cannot be
@@ -378,9 +577,7 @@ class Supervisor {
   void kill_remaining(const std::string& why) {
     for (auto& w : workers_) {
       if (!w.running || w.pid <= 0) continue;
-      say(options_, "rank " + std::to_string(w.spec->rank) + " (local rank " +
-                        std::to_string(w.spec->local_rank) + ", pid " + std::to_string(w.pid) +
-                        ") " + why + "; sending SIGKILL");
+      say(options_, describe(w) + " " + why + "; sending SIGKILL");
       signal_worker(w, SIGKILL);
     }
     killed_ = true;
@@ -389,12 +586,17 @@ class Supervisor {
   void on_worker_exit(Worker& w, int status) {
     w.running = false;
     const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    const bool stopped_by_us = stopping_ && WIFSIGNALED(status) &&
+                               (WTERMSIG(status) == SIGTERM || WTERMSIG(status) == SIGKILL);
+    w.exit = WorkerExit{.status = status,
+                        .seen = Clock::now(),
+                        .seen_realtime_ns = realtime_now_ns(),
+                        .failed_on_its_own = failed && !stopped_by_us};
     // Once the group is stopping, workers dying of our SIGTERM are expected, not news.
     if (!failed || stopping_) return;
-    const std::string what = WIFEXITED(status)
-                                 ? "exited with code " + std::to_string(WEXITSTATUS(status))
-                                 : "was killed by " + signal_name(WTERMSIG(status)) + " (" +
-                                       std::string(::strsignal(WTERMSIG(status))) + ")";
+    worker_failed_ = true;
+    first_failed_ = &w;
+    const std::string what = exit_text(status);
     std::string next;
     if (restart_count_ < options_.max_restarts) {
       restart_pending_ = true;
@@ -410,9 +612,7 @@ class Supervisor {
         next += "; no restarts left (--max_restarts " + std::to_string(options_.max_restarts) + ")";
       }
     }
-    say(options_, "rank " + std::to_string(w.spec->rank) + " (local rank " +
-                      std::to_string(w.spec->local_rank) + ", pid " + std::to_string(w.pid) + ") " +
-                      what + "; " + next);
+    say(options_, describe(w) + " " + what + "; " + next);
     begin_stop();
   }
 
@@ -535,6 +735,12 @@ class Supervisor {
   std::optional<int> final_status_;
   // This attempt failed and another one is due.
   bool restart_pending_ = false;
+  // A worker of this attempt failed (not merely died of our stopping the group).
+  bool worker_failed_ = false;
+  // The worker whose failure the exit lines reported (the first one we saw).
+  const Worker* first_failed_ = nullptr;
+  // Where this attempt's workers write their failure records.
+  RecordDir record_dir_;
   bool stopping_ = false;
   Clock::time_point kill_deadline_{};
   bool killed_ = false;

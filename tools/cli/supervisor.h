@@ -40,6 +40,12 @@ struct SupervisorOptions {
   std::string log_dir;
   /// With log_dir: also copy every line to our stdout/stderr, prefixed with "[rank R] ".
   bool tee = false;
+  /// When not empty, the variable through which each worker learns where to write its failure
+  /// record (src/detail/error_record.h): `<dir>/rank_<R>.json`, `<dir>` being a private
+  /// temporary directory made for each attempt and removed after it. It replaces whatever value
+  /// the worker's environment had (torchrun does the same with TORCHELASTIC_ERROR_FILE): the
+  /// supervisor must know where every record is. See run_workers() for what the records decide.
+  std::string error_file_variable;
 };
 
 /// Exit status of the supervisor when a worker failed.
@@ -54,6 +60,18 @@ using WorkerFactory = std::function<std::vector<WorkerSpec>(int restart_count)>;
 /// place. Returns 0 when every worker of an attempt exits 0; kWorkerFailedExitCode when a failure
 /// is final; 128 + N when signal N (SIGINT, SIGTERM or SIGHUP) asked us to stop, which never
 /// restarts anything.
+///
+/// Once a failed attempt's workers are all gone, one line names its root cause: among the workers
+/// that failed on their own (a non-zero exit, a signal other than the SIGTERM or SIGKILL with
+/// which we stopped the group, or a failure record, however the worker ended), those whose record
+/// does not say caused_by_peer (or who left no record) come first, and of those the earliest, by
+/// the time in its record or else by when we saw it exit; when every failure was caused by a peer,
+/// the earliest record. The failures of the others follow in the same line:
+///   accelerate launch: root cause: rank 1 (local rank 1, pid 123) exited with code 3
+///   (first failure; rank 0 failed after it: Connection closed by peer)
+/// (one line), the root worker's own message after a colon when its record has one. An attempt
+/// that is restarted gets that line only when its root cause is not the worker its exit line
+/// named.
 ///
 /// Example:
 ///   int status = run_workers(

@@ -6,9 +6,12 @@
 /// Every function here:
 ///  - is the identity (or the trivial answer) for a single process;
 ///  - takes the name of the user-facing operation, so that errors name what the user called;
-///  - in debug mode (ACCELERATE_DEBUG_MODE=1) first compares shapes and dtypes across processes
-///    and throws on every rank, listing each rank's shape, when they differ (where it applies);
-///  - turns a stuck collective into an error after the state's timeout naming the operation.
+///  - first has every process state the call's fingerprint (operation, name, dtype, shape, in
+///    one sequence per process group; see DirectGloo::agree), always, not only in debug mode:
+///    calls that do not pair up throw on every process, listing each process's call, before any
+///    payload moves;
+///  - turns a stuck collective into an error after the state's timeout naming the operation and
+///    the processes that did not arrive.
 ///
 /// Example:
 /// \code
@@ -27,10 +30,12 @@
 namespace accelerate::detail {
 
 class DirectWork;
+struct CallFingerprint;
 
-/// Debug-mode check: throws on every rank when `t`'s shape or dtype differs between ranks.
-/// Does nothing (and costs nothing) outside debug mode or for a single process.
-void verify_same_shape(const PartialState& state, const char* op, const at::Tensor& t);
+/// Every process states `fingerprint` for its next collective; throws on every process when they
+/// differ (see DirectGloo::agree). Through PartialState::direct() when there is one, else through
+/// the process group's all-gather of the fixed-size fingerprint.
+void agree(const PartialState& state, const CallFingerprint& fingerprint);
 
 /// Reduces `t` over all processes. Returns a new tensor on `t`'s device and dtype (dtypes Gloo
 /// lacks, such as bfloat16 and bool, are reduced in a wider type and converted back).

@@ -12,8 +12,11 @@
 ///  - an *exchange* context whose pairs are in Gloo's synchronous mode: the calling thread
 ///    writes and reads the sockets itself. A small all-reduce sends this process's buffer to
 ///    every other process and adds what arrives in rank order, so every process computes the
-///    same bits. Each message carries a header (sequence number, operation, dtype, element
-///    count): calls that do not pair up are an error naming both sides, never a wrong sum.
+///    same bits. Each message starts with the call's fingerprint (sequence number, operation,
+///    dtype, shape): calls that do not pair up are an error listing every side, never a wrong
+///    sum. Every other collective first sends its fingerprint alone through this context
+///    (`agree`), so that all collectives share one sequence and no payload of a mismatched call
+///    ever reaches Gloo (whose I/O thread aborts the process on a size mismatch).
 ///  - a *ring* context in Gloo's usual mode (its event-loop thread does the socket I/O), for
 ///    medium tensors the same exchange (with few processes), and for large ones Gloo's ring
 ///    all-reduce (`gloo::allreduce`) reading from one buffer and writing another, so an
@@ -48,6 +51,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace accelerate::detail {
 
@@ -67,6 +71,8 @@ class DirectWork {
  public:
   /// Blocks until the collective finished; rethrows its error.
   void wait();
+  /// Waits at most `timeout`; true when the collective finished (then wait() returns at once).
+  bool wait_for(std::chrono::milliseconds timeout);
   /// True once the collective finished (successfully or not).
   bool completed() const;
   /// When it finished (the epoch of steady_clock before that).
@@ -82,6 +88,49 @@ class DirectWork {
   std::chrono::steady_clock::time_point completed_at_;
   std::exception_ptr error_;
 };
+
+/// What a collective is, as every process states it before any payload moves: the operation's
+/// kind and user-facing name, the reduction or root, and the dtype and shape of the payload. The
+/// channel adds its sequence number. Processes whose statements differ fail with an error that
+/// lists every process's call, instead of pairing calls that do not belong together (a wrong sum,
+/// Gloo aborting on a size mismatch, or a hang until the timeout). 128 bytes, sent as they are.
+struct CallFingerprint {
+  enum Kind : int32_t {
+    kAllReduce = 1,
+    kAllGather = 2,
+    kBroadcast = 3,
+    kBarrier = 4,
+    kStructureCheck = 5,  // debug mode's comparison of whole structures, before the collective
+  };
+  static constexpr int kDims = 6;
+  static constexpr int kNameBytes = 32;
+
+  uint64_t sequence = 0;
+  int32_t kind = 0;
+  int32_t arg = 0;     // reduction code (all-reduce) or root process (broadcast)
+  int32_t dtype = -1;  // c10::ScalarType; -1 without a payload
+  int32_t ndim = -1;
+  int64_t numel = 0;
+  // Sizes; with more than kDims dimensions the last slot folds the remaining ones.
+  int64_t dims[kDims] = {};
+  char name[kNameBytes] = {};  // NUL-terminated, truncated
+  int64_t reserved[2] = {};
+
+  /// A fingerprint for `name` (the operation the user called) of kind `kind` over `payload`
+  /// (undefined for a barrier).
+  static CallFingerprint of(const char* name, Kind kind, const at::Tensor& payload,
+                            int32_t arg = 0);
+  /// "'reduce' (all-reduce, sum) of shape [2, 3] float" — what error messages print.
+  std::string describe() const;
+  /// Equal in everything but the sequence number.
+  bool same_call(const CallFingerprint& other) const;
+};
+static_assert(sizeof(CallFingerprint) == 128, "the fingerprint is sent as raw bytes");
+
+/// The error every process raises when the processes' fingerprints of one call differ: lists
+/// each process's call. `mine` is this process's, `all` every process's in rank order.
+[[noreturn]] void fail_mismatch(const CallFingerprint& mine,
+                                const std::vector<CallFingerprint>& all);
 
 class DirectGloo {
  public:
@@ -122,10 +171,22 @@ class DirectGloo {
   static bool ringable(const at::Tensor& t);
 
   /// Reduces `t` in place over all processes, the calling thread waiting (see the file comment).
-  /// `op_name` is what errors call the operation. Throws, naming both sides, when the
-  /// processes' calls do not pair up (different dtype, element count, operation, or a call
-  /// missing on one side).
-  void exchange_allreduce_(at::Tensor& t, c10d::ReduceOp op, const char* op_name = "all_reduce");
+  /// `op_name` is what errors call the operation. Throws, listing every process's call, when the
+  /// processes' calls do not pair up (different dtype, shape, operation, or a call missing on
+  /// one side). `fingerprint`, when given, is what the processes compare instead of `t`'s own
+  /// (the caller's shape and dtype before a flattening or widening).
+  void exchange_allreduce_(at::Tensor& t, c10d::ReduceOp op, const char* op_name = "all_reduce",
+                           const CallFingerprint* fingerprint = nullptr);
+
+  /// Every process states `fingerprint` for its next collective; returns when all stated the
+  /// same, throws on every process (listing each process's call) when they did not. One small
+  /// message to every peer on the calling thread, in the sequence all collectives share, so
+  /// every later payload is known to pair up. Also a barrier: it returns only once every
+  /// process has made the call. A timeout names the processes that did not arrive.
+  void agree(CallFingerprint fingerprint);
+
+  /// The reduction code a fingerprint carries for `op`.
+  static int32_t reduction_code(c10d::ReduceOp op);
 
   /// Starts Gloo's ring all-reduce of `in` into `out` (same shape and dtype; may be the same
   /// tensor) on the worker thread. Both must stay alive and untouched until the work completes.

@@ -1,12 +1,15 @@
 // Started by the checkpoint launch tests.
 //
 //   checkpoint_worker train --steps N --out F [--save-at K --dir D] [--resume --dir D]
-//                     [--auto --dir P --save-every S [--kill-rank R --kill-at K]]
+//                     [--auto --dir P --save-every S [--kill-rank R --kill-at K] [--stop-at K]]
 //       The resumable run of tests/support/resume_training.h, as many processes as the launcher
-//       started; process 0 writes the final parameters to F (safetensors) and prints
-//       "checkpoint_worker: OK". With --auto, checkpoints are named automatically under P every
-//       S steps, and a run restarted by `accelerate launch --max_restarts` resumes by itself;
-//       --kill-rank/--kill-at make process R SIGKILL itself after K steps on the first attempt.
+//       started; at the end every process prints "checkpoint_worker: process <r> started at
+//       step <s>" (0, or the step it resumed from), process 0 writes the final parameters to F
+//       (safetensors) and prints "checkpoint_worker: OK". With --auto, checkpoints are named
+//       automatically under P every S steps, and a run restarted by `accelerate launch
+//       --max_restarts` resumes by itself; --kill-rank/--kill-at make process R SIGKILL itself
+//       after K steps on the first attempt; --stop-at makes every process stop after K steps
+//       without saving (a crash that leaves the run's checkpoints as they were).
 //   checkpoint_worker save-loop --project P
 //       One process that resumes from the latest checkpoint under P (if any) and then saves
 //       automatically named checkpoints (total_limit 2) forever, printing "saved <c> <ms>" after
@@ -59,14 +62,20 @@ int train(int argc, char** argv) {
       run.kill_rank = std::stoi(next());
     } else if (arg == "--kill-at") {
       run.kill_at = std::stoll(next());
+    } else if (arg == "--stop-at") {
+      run.stop_at = std::stoll(next());
     } else if (arg == "--out") {
       out = next();
     } else {
       throw std::invalid_argument("unknown argument " + arg);
     }
   }
+  int64_t started_at = -1;
+  run.started_at = &started_at;
   auto weights = accelerate::testing::train_resumable(run);
   auto& state = accelerate::PartialState::shared();
+  std::cout << "checkpoint_worker: process " << state.process_index() << " started at step "
+            << started_at << std::endl;
   if (state.is_main_process() && !out.empty()) accelerate::safetensors::save_file(weights, out);
   state.wait_for_everyone();
   if (state.is_main_process()) std::cout << "checkpoint_worker: OK" << std::endl;

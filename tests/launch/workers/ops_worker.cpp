@@ -322,8 +322,9 @@ int debug_mismatch(accelerate::PartialState& s) {
   std::cout << ("MISMATCH: " + msg + "\n") << std::flush;
   bool ok = msg.find("'gather'") != std::string::npos;
   for (int i = 0; i < n; ++i) {
-    ok = ok && msg.find("process " + std::to_string(i) + ": shape [" + std::to_string(i + 1) +
-                        ", 2]") != std::string::npos;
+    ok = ok && msg.find("process " + std::to_string(i) + ": call #") != std::string::npos &&
+         msg.find("'gather' (all-gather) of shape [" + std::to_string(i + 1) + ", 2] Long") !=
+             std::string::npos;
   }
   return ok ? 0 : 1;
 }
